@@ -1,0 +1,131 @@
+"""What the chapters call while they execute: verify an identity, glue a number.
+
+``verify(id)`` runs an identity's SymPy proof and its numeric check, shows the result
+under the equation it backs, stores it for the ledger (as a myst-nb glue entry named
+``ledger-<id>``) and raises :class:`~elbo_terms.identity.IdentityFailed` -- which fails the
+build -- when the identity does not hold.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from ._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
+from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, proves_zero
+
+__all__ = ["verify", "Result", "number", "show_source", "seeded", "float64", "LEDGER_PREFIX"]
+
+LEDGER_PREFIX = "ledger-"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}" if math.isfinite(x) else str(x)
+
+
+@dataclass(frozen=True)
+class Result:
+    identity: Identity
+    symbolic: Optional[bool]
+    numeric: Optional[Numeric]
+
+    @property
+    def passed(self) -> bool:
+        return self.symbolic is not False and (self.numeric is None or self.numeric.passed)
+
+    def as_dict(self) -> dict:
+        i = self.identity
+        return {
+            "id": i.id,
+            "chapter": i.chapter,
+            "label": i.label,
+            "statement": i.statement,
+            "symbolic": self.symbolic,
+            "numeric": None if self.numeric is None else self.numeric.as_dict(),
+            "passed": self.passed,
+            "code": i.code,
+            "tests": list(i.tests),
+        }
+
+    def message(self) -> str:
+        i, n = self.identity, self.numeric
+        parts = [f"identity '{i.id}' (chapter '{i.chapter}', equation {i.label or '-'})"]
+        if self.symbolic is not None:
+            parts.append("SymPy: " + ("proved" if self.symbolic else "NOT proved (lhs - rhs does not simplify to 0)"))
+        if n is not None:
+            rel = "<=" if n.passed else ">"
+            parts.append(
+                f"{n.kind}: lhs={_fmt(n.lhs)} rhs={_fmt(n.rhs)} |error|={n.abs_error:.3g} {rel} tolerance={n.tolerance:.3g}"
+            )
+        parts.append("PASSED" if self.passed else "FAILED")
+        return "; ".join(parts)
+
+    # Jupyter display: a one-line badge under the equation.
+    def _repr_html_(self):
+        i, n = self.identity, self.numeric
+        mark = "&#10004;" if self.passed else "&#10008;"
+        bits = [f"<strong>{mark} <code>{html.escape(i.id)}</code></strong>"]
+        if self.symbolic is not None:
+            bits.append("SymPy: " + ("proved" if self.symbolic else "not proved"))
+        if n is not None:
+            what = "same draw" if n.kind == "exact" else f"Monte Carlo, n = {n.detail.get('n')}"
+            bits.append(f"{what}: |lhs &minus; rhs| = {n.abs_error:.2g} &le; {n.tolerance:.2g}")
+        bits.append(f"check: <code>{html.escape(i.code)}</code>")
+        bits.append(f"tests: <code>{html.escape(i.tests[0])}</code>, <code>[…wrong_variant_fails…]</code>")
+        cls = "identity-check passed" if self.passed else "identity-check failed"
+        return f'<div class="{cls}">' + " &middot; ".join(bits) + "</div>"
+
+    def __repr__(self):
+        return self.message()
+
+
+class _JsonText:
+    """Displays as its JSON text (glue stores the text/plain form of what it is given)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __repr__(self):
+        return json.dumps(self.data, sort_keys=True)
+
+
+def verify(identity: Union[str, Identity], variant: Optional[str] = None) -> Result:
+    """Run an identity's checks; show, record and return the result; raise if it fails."""
+    from myst_nb import glue
+
+    if isinstance(identity, str):
+        if identity not in IDENTITIES:
+            raise KeyError(f"no identity with id {identity!r}; known: {sorted(IDENTITIES)}")
+        identity = IDENTITIES[identity]
+    sym = None if identity.symbolic is None else proves_zero(identity.symbolic(variant))
+    num = None if identity.numeric is None else identity.numeric(variant)
+    result = Result(identity, sym, num)
+    if not result.passed:
+        raise IdentityFailed(result.message())
+    from IPython.display import HTML, display
+
+    glue(LEDGER_PREFIX + identity.id, _JsonText(result.as_dict()), display=False)  # for the ledger
+    display(HTML(result._repr_html_()))  # the badge under the equation
+    return result
+
+
+def number(name: str, value) -> float:
+    """Glue ``value`` as a Python float under ``name`` (for ``{glue}`` in the prose)."""
+    from myst_nb import glue
+
+    v = float(value)
+    glue(name, v, display=False)
+    return v
+
+
+def show_source(obj):
+    """Display the source of a function or class of the installed code, as a code block."""
+    import inspect
+    import textwrap
+
+    from IPython.display import Markdown
+
+    return Markdown("```python\n" + textwrap.dedent(inspect.getsource(obj)).rstrip() + "\n```")

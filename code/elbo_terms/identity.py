@@ -1,0 +1,191 @@
+"""Identities: a statement, its SymPy proof, its numeric check against Pyro.
+
+An :class:`Identity` couples
+
+* an ``id`` (stable, kebab-case) and the ``chapter`` (Sphinx docname) that states it,
+* the ``label`` of the displayed equation it backs and its LaTeX ``statement``,
+* ``symbolic(variant)``: a SymPy expression equal to ``lhs - rhs``; the statement is
+  proved when it simplifies to 0,
+* ``numeric(variant)``: a :class:`Numeric` comparison of two numbers computed by
+  running Pyro/torch in float64,
+* ``wrong``: names of wrong variants of the statement (a flipped sign, a missing term,
+  a factor of 2, ...). Passing one of them as ``variant`` must make the *same* checks
+  fail; ``tests/test_identities.py`` shows that it does, for every identity.
+
+Two kinds of numeric comparison:
+
+* :func:`exact` -- same-draw identities: ``|lhs - rhs| <= rtol * max(|lhs|, |rhs|) + atol``
+  with ``rtol = 1e-9`` by default (float64).
+* :func:`monte_carlo` -- an average of ``n`` independent draws against an exact value:
+  ``|mean - exact| <= k * stderr`` with ``k = 5`` by default, and the check refuses to
+  run when the bound is too wide to mean anything (``k * stderr > max_rel_width * |exact|``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import sympy
+
+__all__ = [
+    "Identity",
+    "Numeric",
+    "IdentityFailed",
+    "exact",
+    "monte_carlo",
+    "proves_zero",
+    "register",
+    "IDENTITIES",
+]
+
+RTOL = 1e-9
+ATOL = 1e-12
+K_STDERR = 5.0
+
+
+class IdentityFailed(AssertionError):
+    """Raised when an identity stated in the book does not hold."""
+
+
+@dataclass(frozen=True)
+class Numeric:
+    """A comparison of two numbers and the tolerance it is judged by."""
+
+    lhs: float
+    rhs: float
+    abs_error: float
+    tolerance: float
+    kind: str  # "exact" or "monte-carlo"
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.abs_error) and self.abs_error <= self.tolerance
+
+    def as_dict(self) -> dict:
+        return {
+            "lhs": self.lhs,
+            "rhs": self.rhs,
+            "abs_error": self.abs_error,
+            "tolerance": self.tolerance,
+            "kind": self.kind,
+        }
+
+
+def _as_float_array(x):
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        x = x.detach()
+        if x.dtype != torch.float64:
+            raise TypeError(f"exact checks need float64 tensors, got {x.dtype}")
+        return x.reshape(-1).tolist()
+    if isinstance(x, (list, tuple)):
+        return [float(v) for v in x]
+    return [float(x)]
+
+
+def exact(lhs, rhs, rtol: float = RTOL, atol: float = ATOL) -> Numeric:
+    """Same-draw comparison: ``|lhs - rhs| <= rtol * max(|lhs|, |rhs|) + atol``.
+
+    ``lhs`` and ``rhs`` are floats or float64 tensors of one shape; for tensors the
+    error is the largest elementwise error and ``lhs``/``rhs`` are reported as
+    Euclidean norms.
+    """
+    a, b = _as_float_array(lhs), _as_float_array(rhs)
+    if len(a) != len(b):
+        raise ValueError(f"exact(): lhs has {len(a)} numbers, rhs has {len(b)}")
+    err = max(abs(x - y) for x, y in zip(a, b))
+    scale = max(max(abs(x) for x in a), max(abs(y) for y in b))
+    if len(a) == 1:
+        l, r = a[0], b[0]
+    else:
+        l, r = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    return Numeric(l, r, err, rtol * scale + atol, "exact", {"rtol": rtol, "atol": atol, "size": len(a)})
+
+
+def monte_carlo(
+    samples, exact_value: float, k: float = K_STDERR, max_rel_width: float = 0.05, scale: Optional[float] = None
+) -> Numeric:
+    """Monte Carlo comparison: ``|mean(samples) - exact| <= k * stderr``.
+
+    ``samples`` are ``n`` independent draws of an unbiased estimator of ``exact_value``.
+    Raises ``ValueError`` if ``k * stderr`` exceeds ``max_rel_width * scale`` (``scale``
+    defaults to ``|exact_value|``): such a bound would accept nearly anything, so take
+    more samples.
+    """
+    import torch
+
+    s = torch.as_tensor(samples, dtype=torch.float64).reshape(-1)
+    n = s.numel()
+    if n < 100:
+        raise ValueError(f"monte_carlo(): {n} samples are too few for a normal bound (need >= 100)")
+    mean = float(s.mean())
+    stderr = float(s.std(unbiased=True)) / math.sqrt(n)
+    exact_value = float(exact_value)
+    width = k * stderr
+    scale = abs(exact_value) if scale is None else float(scale)
+    if width > max_rel_width * scale:
+        raise ValueError(
+            f"monte_carlo(): bound k*stderr = {width:.3g} is wider than "
+            f"{max_rel_width:g} x {scale:.3g}; take more samples"
+        )
+    return Numeric(mean, exact_value, abs(mean - exact_value), width, "monte-carlo", {"n": n, "stderr": stderr, "k": k})
+
+
+def proves_zero(expr) -> bool:
+    """True when SymPy simplifies ``expr`` (a difference ``lhs - rhs``) to exactly 0."""
+    if isinstance(expr, bool):
+        return expr
+    e = sympy.simplify(sympy.expand_log(sympy.sympify(expr), force=True))
+    if e == 0:
+        return True
+    return sympy.simplify(sympy.expand(e)) == 0
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    chapter: str
+    statement: str
+    label: Optional[str] = None
+    symbolic: Optional[Callable[[Optional[str]], object]] = None
+    numeric: Optional[Callable[[Optional[str]], Numeric]] = None
+    wrong: tuple = ()
+    summary: str = ""
+
+    def __post_init__(self):
+        import re
+
+        if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", self.id):
+            raise ValueError(f"identity id {self.id!r} is not kebab-case")
+        if self.symbolic is None and self.numeric is None:
+            raise ValueError(f"identity {self.id!r} has neither a symbolic nor a numeric check")
+        if not self.wrong:
+            raise ValueError(f"identity {self.id!r} names no wrong variant: its checks could never be seen to fail")
+
+    @property
+    def code(self) -> str:
+        """Dotted path of the function that performs the numeric (else symbolic) check."""
+        fn = self.numeric or self.symbolic
+        return f"{fn.__module__}.{fn.__qualname__}"
+
+    @property
+    def tests(self) -> tuple:
+        return (
+            f"tests/test_identities.py::test_identity_holds[{self.id}]",
+            f"tests/test_identities.py::test_wrong_variant_fails[{self.id}]",
+        )
+
+
+IDENTITIES: dict[str, Identity] = {}
+
+
+def register(identity: Identity) -> Identity:
+    """Add an identity to the registry; ids are unique across the book."""
+    if identity.id in IDENTITIES and IDENTITIES[identity.id] is not identity:
+        raise ValueError(f"identity id {identity.id!r} registered twice")
+    IDENTITIES[identity.id] = identity
+    return identity

@@ -1,0 +1,81 @@
+"""Sphinx configuration. Sources are in book/, build with: sphinx-build -c . book _build/html"""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pyro
+import sympy
+import torch
+
+ROOT = Path(__file__).resolve().parent
+
+project = "Trace_ELBO, term by term"
+author = "The elbo_terms authors"
+copyright = "2026, the elbo_terms authors"
+release = version = "0.1.0"
+
+extensions = [
+    "myst_nb",
+    "sphinx_copybutton",
+    "sphinx_togglebutton",
+    "sphinxcontrib.bibtex",
+    "elbo_terms.sphinx_ext",
+]
+exclude_patterns = ["_build", "_static", "**.ipynb_checkpoints"]
+nitpicky = True
+
+# ---- MyST and math: numbered equations "(chapter.n)", referenced with {eq}
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist", "substitution"]
+myst_heading_anchors = 3
+numfig = True
+math_numfig = True
+math_numsep = "."
+numfig_secnum_depth = 1
+
+# ---- execution: cached, strict, and never stale.
+# jupyter-cache hashes a notebook's cells only, not the modules it imports, so the cache
+# folder is keyed by a hash of code/ and of the versions that compute the numbers: any
+# change there re-executes every chapter. Older caches are pruned.
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "code").rglob("*")):
+        if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p):
+            h.update(str(p.relative_to(ROOT)).encode())
+            h.update(p.read_bytes())
+    h.update(f"torch={torch.__version__} pyro={pyro.__version__} sympy={sympy.__version__}".encode())
+    return h.hexdigest()[:16]
+
+
+_cache_root = ROOT / "_build" / ".jupyter_cache"
+nb_execution_cache_path = str(_cache_root / _code_hash())
+if _cache_root.is_dir():
+    for old in _cache_root.iterdir():
+        if old.is_dir() and str(old) != nb_execution_cache_path:
+            shutil.rmtree(old, ignore_errors=True)
+nb_execution_mode = "cache"
+nb_execution_timeout = 900
+nb_execution_raise_on_error = True
+nb_execution_show_tb = True
+nb_merge_streams = True
+# the ledger record each check glues is for the ledger, not for the page
+nb_mime_priority_overrides = [("*", "application/json", None)]
+
+# ---- citations: one bibliography, on the references page
+bibtex_bibfiles = ["book/references.bib"]
+bibtex_default_style = "unsrt"
+bibtex_reference_style = "author_year"
+
+# ---- HTML
+html_theme = "sphinx_book_theme"
+html_title = project
+html_static_path = ["book/_static"]
+html_css_files = ["book.css"]
+html_theme_options = {
+    "show_toc_level": 2,
+    "use_download_button": True,
+    "home_page_in_toc": True,
+}
+html_last_updated_fmt = None
+copybutton_prompt_text = r">>> |\.\.\. |\$ "
+copybutton_prompt_is_regexp = True
