@@ -1,6 +1,7 @@
 """Sphinx configuration. Sources are in book/, build with: sphinx-build -c . book _build/html"""
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def _code_hash() -> str:
     return h.hexdigest()[:16]
 
 
-_cache_root = ROOT / "_build" / ".jupyter_cache"
+_cache_root = Path(os.environ.get("ELBO_TERMS_BUILD_DIR", ROOT / "_build")) / ".jupyter_cache"
 nb_execution_cache_path = str(_cache_root / _code_hash())
 if _cache_root.is_dir():
     for old in _cache_root.iterdir():

@@ -4,11 +4,12 @@
 * ``IDENTITIES`` -- every identity the book states, with its SymPy proof and its
   numeric check against Pyro (see :mod:`elbo_terms.identity`).
 
-Check modules, one per chapter, register their identities when imported.
+The check modules, one per chapter, register their identities when imported.
 """
 
-from . import conjugate  # noqa: F401  (chapter "elbo")
+from . import conjugate, gradients, kl, likelihoods, trace_source, vae  # noqa: F401  (register identities)
+from .decompose import decompose
 from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, exact, monte_carlo
 
-__all__ = ["IDENTITIES", "Identity", "IdentityFailed", "Numeric", "exact", "monte_carlo"]
+__all__ = ["decompose", "IDENTITIES", "Identity", "IdentityFailed", "Numeric", "exact", "monte_carlo"]
 __version__ = "0.1.0"

@@ -1,0 +1,67 @@
+"""Build a few chapters alone, for quick checks while writing them.
+
+    python .ci/build_chapters.py elbo gradients [--out /tmp/book-partial]
+
+Makes a temporary source folder with the chosen chapters, every page that is not a
+chapter (index, ledger, notation, ...), and a stub of every other chapter (its title and its labelled equations,
+so that {eq} references to it resolve), then runs the strict build on it with its own
+execution cache. Exits with sphinx-build's status.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+EQUATION = re.compile(r"^\$\$\n.*?^\$\$ \([a-z0-9-]+\)\n", re.S | re.M)
+
+
+def chapters() -> list[str]:
+    text = (BOOK / "index.md").read_text()
+    block = text.split(":caption: Chapters", 1)[1].split("```", 1)[0]
+    return [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith(":")]
+
+
+def stub(doc: str) -> str:
+    text = (BOOK / f"{doc}.md").read_text()
+    title = next(ln for ln in text.splitlines() if ln.startswith("# "))
+    eqs = EQUATION.findall(text)
+    return title + "\n\n(stub for a partial build)\n\n" + "\n".join(eqs)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("docs", nargs="+")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    out = Path(a.out or tempfile.gettempdir() + "/book-" + "-".join(a.docs))
+    src = out / "src"
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(out / "html", ignore_errors=True)
+    shutil.rmtree(out / "doctrees", ignore_errors=True)
+    src.mkdir(parents=True)
+    shutil.copytree(BOOK / "_static", src / "_static")
+    stubbed = set(chapters()) - set(a.docs)
+    for page in BOOK.iterdir():
+        if page.is_file() and page.stem in stubbed and page.suffix == ".md":
+            page_out = src / page.name
+            page_out.write_text(stub(page.stem))
+        elif page.is_file():
+            shutil.copy(page, src / page.name)
+    env = dict(os.environ, ELBO_TERMS_BUILD_DIR=str(out))
+    cmd = [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-E", "-c", str(ROOT), str(src), str(out / "html"),
+           "-d", str(out / "doctrees")]
+    print(" ".join(cmd), flush=True)
+    rc = subprocess.call(cmd, env=env)
+    print(f"built into {out / 'html'}; exit {rc}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

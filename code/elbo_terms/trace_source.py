@@ -1,0 +1,3 @@
+"""Chapter ``inside-trace-elbo``: the installed source of Trace_ELBO, read against BBVI eq. (1). (Being written.)"""
+
+CHAPTER = "inside-trace-elbo"
