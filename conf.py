@@ -5,9 +5,11 @@ import os
 import shutil
 from pathlib import Path
 
+import mathjax  # the django-static-mathjax wheel
 import pyro
 import sympy
 import torch
+from sphinx.util.fileutil import copy_asset
 
 ROOT = Path(__file__).resolve().parent
 
@@ -22,6 +24,7 @@ extensions = [
     "sphinx_togglebutton",
     "sphinxcontrib.bibtex",
     "elbo_terms.sphinx_ext",
+    "elbo_terms.slides_kit",
 ]
 exclude_patterns = ["_build", "_static", "**.ipynb_checkpoints"]
 nitpicky = True
@@ -33,6 +36,7 @@ numfig = True
 math_numfig = True
 math_numsep = "."
 numfig_secnum_depth = 1
+
 
 # ---- execution: cached, strict, and never stale.
 # jupyter-cache hashes a notebook's cells only, not the modules it imports, so the cache
@@ -71,7 +75,7 @@ bibtex_reference_style = "author_year"
 html_theme = "sphinx_book_theme"
 html_title = project
 html_static_path = ["book/_static"]
-html_css_files = ["book.css"]
+html_css_files = ["book.css", ("print.css", {"media": "print"})]
 html_theme_options = {
     "show_toc_level": 2,
     "use_download_button": True,
@@ -80,3 +84,22 @@ html_theme_options = {
 html_last_updated_fmt = None
 copybutton_prompt_text = r">>> |\.\.\. |\$ "
 copybutton_prompt_is_regexp = True
+
+# ---- offline: MathJax 3 is served from the book's own _static/mathjax/, copied from the
+# django-static-mathjax wheel (pinned in requirements.txt); no page loads anything from outside.
+MATHJAX_ES5 = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
+mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static/
+
+
+def _copy_mathjax(app, exception):
+    """Copy the bundle the pages load and the components it loads on demand (fonts, TeX extensions, menu)."""
+
+    def other_bundle(rel: str) -> bool:
+        return "/" not in rel and rel.endswith(".js") and rel != Path(mathjax_path).name
+
+    if exception is None and app.builder.format == "html":
+        copy_asset(MATHJAX_ES5, Path(app.outdir, "_static", "mathjax"), excluded=other_bundle)
+
+
+def setup(app):
+    app.connect("build-finished", _copy_mathjax)

@@ -55,8 +55,21 @@ def main() -> int:
         elif page.is_file():
             shutil.copy(page, src / page.name)
     env = dict(os.environ, ELBO_TERMS_BUILD_DIR=str(out))
-    cmd = [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-E", "-c", str(ROOT), str(src), str(out / "html"),
-           "-d", str(out / "doctrees")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sphinx",
+        "-n",
+        "-W",
+        "--keep-going",
+        "-E",
+        "-c",
+        str(ROOT),
+        str(src),
+        str(out / "html"),
+        "-d",
+        str(out / "doctrees"),
+    ]
     print(" ".join(cmd), flush=True)
     rc = subprocess.call(cmd, env=env)
     print(f"built into {out / 'html'}; exit {rc}")

@@ -7,7 +7,6 @@ import random
 
 import pytest
 import sympy as sp
-
 from elbo_terms import IDENTITIES
 from elbo_terms.identity import proves_zero
 

@@ -12,12 +12,11 @@ import html
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional, Union
 
 from ._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
 from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, proves_zero
 
-__all__ = ["verify", "Result", "number", "show_source", "seeded", "float64", "LEDGER_PREFIX"]
+__all__ = ["verify", "Result", "number", "show_source", "figure", "seeded", "float64", "LEDGER_PREFIX"]
 
 LEDGER_PREFIX = "ledger-"
 
@@ -29,8 +28,8 @@ def _fmt(x: float) -> str:
 @dataclass(frozen=True)
 class Result:
     identity: Identity
-    symbolic: Optional[bool]
-    numeric: Optional[Numeric]
+    symbolic: bool | None
+    numeric: Numeric | None
 
     @property
     def passed(self) -> bool:
@@ -58,7 +57,8 @@ class Result:
         if n is not None:
             rel = "<=" if n.passed else ">"
             parts.append(
-                f"{n.kind}: lhs={_fmt(n.lhs)} rhs={_fmt(n.rhs)} |error|={n.abs_error:.3g} {rel} tolerance={n.tolerance:.3g}"
+                f"{n.kind}: lhs={_fmt(n.lhs)} rhs={_fmt(n.rhs)} "
+                f"|error|={n.abs_error:.3g} {rel} tolerance={n.tolerance:.3g}"
             )
         parts.append("PASSED" if self.passed else "FAILED")
         return "; ".join(parts)
@@ -92,7 +92,7 @@ class _JsonText:
         return json.dumps(self.data, sort_keys=True)
 
 
-def verify(identity: Union[str, Identity], variant: Optional[str] = None) -> Result:
+def verify(identity: str | Identity, variant: str | None = None) -> Result:
     """Run an identity's checks; show, record and return the result; raise if it fails."""
     from myst_nb import glue
 
@@ -129,3 +129,28 @@ def show_source(obj):
     from IPython.display import Markdown
 
     return Markdown("```python\n" + textwrap.dedent(inspect.getsource(obj)).rstrip() + "\n```")
+
+
+def figure(fig, name: str):
+    """Show a matplotlib figure, with links to download it as SVG and as PNG (for slides).
+
+    The files are embedded in the page as data URIs, so they work offline and are never
+    stale. ``name`` is the downloaded file's stem.
+    """
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import HTML, display
+
+    links = []
+    for fmt, mime in (("svg", "image/svg+xml"), ("png", "image/png")):
+        buf = io.BytesIO()
+        # a fixed date and no creator keep the SVG and PNG bytes identical between builds
+        meta = {"Date": None, "Creator": None} if fmt == "svg" else {"Software": None}
+        fig.savefig(buf, format=fmt, dpi=200, bbox_inches="tight", metadata=meta)
+        data = base64.b64encode(buf.getvalue()).decode()
+        links.append(f'<a download="{name}.{fmt}" href="data:{mime};base64,{data}">{fmt.upper()}</a>')
+    display(fig)
+    display(HTML('<p class="figure-downloads">Download this figure: ' + " &middot; ".join(links) + "</p>"))
+    plt.close(fig)

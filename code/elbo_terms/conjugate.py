@@ -188,7 +188,11 @@ register(
 
 def sym_posterior(variant=None):
     tau = precision_symbolic(variant)
-    return log_joint_symbolic() - log_evidence_closed_form() - log_normal(z, posterior_mean_symbolic(variant), 1 / sp.sqrt(tau))
+    return (
+        log_joint_symbolic()
+        - log_evidence_closed_form()
+        - log_normal(z, posterior_mean_symbolic(variant), 1 / sp.sqrt(tau))
+    )
 
 
 def num_posterior(variant=None):
@@ -215,7 +219,8 @@ register(
         chapter=CHAPTER,
         label="posterior-closed-form",
         statement=r"p(z \mid x) = \frac{p(x, z)}{p(x)} = \mathcal N\!\left(z;\ \mu_n,\ \tau^{-1}\right),"
-        r"\quad \tau = \tfrac{1}{s_0^2} + \tfrac{n}{\sigma^2},\ \mu_n = \tfrac{1}{\tau}\left(\tfrac{\mu_0}{s_0^2} + \tfrac{S_x}{\sigma^2}\right)",
+        r"\quad \tau = \tfrac{1}{s_0^2} + \tfrac{n}{\sigma^2},"
+        r"\ \mu_n = \tfrac{1}{\tau}\left(\tfrac{\mu_0}{s_0^2} + \tfrac{S_x}{\sigma^2}\right)",
         symbolic=sym_posterior,
         numeric=num_posterior,
         wrong=("forgot-n",),
@@ -254,7 +259,8 @@ register(
         id="elbo-closed-form",
         chapter=CHAPTER,
         label="elbo-closed-form",
-        statement=r"\mathcal L(m, s) = \mathbb E_q[\log p(x\mid z)] + \mathbb E_q[\log p(z)] + \tfrac12\log(2\pi e s^2)",
+        statement=r"\mathcal L(m, s) = \mathbb E_q[\log p(x\mid z)] + \mathbb E_q[\log p(z)]"
+        r" + \tfrac12\log(2\pi e s^2)",
         symbolic=sym_elbo,
         numeric=num_elbo,
         wrong=("missing-entropy",),
@@ -372,4 +378,3 @@ def elbo_value(mean=GUIDE_MEAN, sd=GUIDE_SD, x=None) -> float:
     with float64():
         x = data() if x is None else x
         return _subs(elbo_closed_form(), x, {m: mean, s: sd})
-

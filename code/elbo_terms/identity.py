@@ -24,8 +24,8 @@ Two kinds of numeric comparison:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import sympy
 
@@ -97,7 +97,7 @@ def exact(lhs, rhs, rtol: float = RTOL, atol: float = ATOL) -> Numeric:
     a, b = _as_float_array(lhs), _as_float_array(rhs)
     if len(a) != len(b):
         raise ValueError(f"exact(): lhs has {len(a)} numbers, rhs has {len(b)}")
-    err = max(abs(x - y) for x, y in zip(a, b))
+    err = max(abs(x - y) for x, y in zip(a, b, strict=True))
     scale = max(max(abs(x) for x in a), max(abs(y) for y in b))
     if len(a) == 1:
         l, r = a[0], b[0]
@@ -107,7 +107,7 @@ def exact(lhs, rhs, rtol: float = RTOL, atol: float = ATOL) -> Numeric:
 
 
 def monte_carlo(
-    samples, exact_value: float, k: float = K_STDERR, max_rel_width: float = 0.05, scale: Optional[float] = None
+    samples, exact_value: float, k: float = K_STDERR, max_rel_width: float = 0.05, scale: float | None = None
 ) -> Numeric:
     """Monte Carlo comparison: ``|mean(samples) - exact| <= k * stderr``.
 
@@ -150,9 +150,9 @@ class Identity:
     id: str
     chapter: str
     statement: str
-    label: Optional[str] = None
-    symbolic: Optional[Callable[[Optional[str]], object]] = None
-    numeric: Optional[Callable[[Optional[str]], Numeric]] = None
+    label: str | None = None
+    symbolic: Callable[[str | None], object] | None = None
+    numeric: Callable[[str | None], Numeric] | None = None
     wrong: tuple = ()
     summary: str = ""
 

@@ -82,12 +82,16 @@ def check_records(app, env):
             logger.warning(f"{where}: verified twice, also in '{seen[rid]}'", type="elbo_terms", subtype="ledger")
         seen[rid] = doc
         if rec["chapter"] != doc:
-            logger.warning(f"{where}: the registry places it in chapter '{rec['chapter']}'", type="elbo_terms", subtype="ledger")
+            logger.warning(
+                f"{where}: the registry places it in chapter '{rec['chapter']}'", type="elbo_terms", subtype="ledger"
+            )
         label = rec.get("label")
         if label is not None:
             found = equations.get(label)
             if found is None or found[0] != doc:
-                logger.warning(f"{where}: equation label '{label}' is not on page '{doc}'", type="elbo_terms", subtype="ledger")
+                logger.warning(
+                    f"{where}: equation label '{label}' is not on page '{doc}'", type="elbo_terms", subtype="ledger"
+                )
         if not rec["passed"]:
             logger.warning(f"{where}: FAILED", type="elbo_terms", subtype="ledger")
     for rid, ident in IDENTITIES.items():
@@ -110,7 +114,17 @@ def _text_cell(text, literal=False):
 
 
 def _table(app, fromdocname, records):
-    headers = ["identity", "statement", "chapter", "SymPy", "kind", "|lhs − rhs|", "tolerance", "passed", "check and tests"]
+    headers = [
+        "identity",
+        "statement",
+        "chapter",
+        "SymPy",
+        "kind",
+        "|lhs − rhs|",
+        "tolerance",
+        "passed",
+        "check and tests",
+    ]
     table = nodes.table(classes=["identity-ledger"])
     tgroup = nodes.tgroup(cols=len(headers))
     table += tgroup
@@ -136,7 +150,9 @@ def _table(app, fromdocname, records):
         if rec.get("label"):
             uri += f"#equation-{rec['label']}"
         title = env_title(app, rec["_docname"])
-        para += nodes.reference("", title + (f" ({rec['label']})" if rec.get("label") else ""), refuri=uri, internal=True)
+        para += nodes.reference(
+            "", title + (f" ({rec['label']})" if rec.get("label") else ""), refuri=uri, internal=True
+        )
         entry += para
         row += entry
         sym = rec["symbolic"]

@@ -1,0 +1,122 @@
+"""The build as a maintainer relies on it: strict, ledger complete, failures loud, never stale."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, sphinx_build
+from elbo_terms import IDENTITIES
+
+FRONT = (ROOT / "book" / "elbo.md").read_text().split("---\n", 2)[1]
+HEADER = f"---\n{FRONT}---\n"
+
+
+@pytest.mark.book
+def test_the_book_builds_strictly_and_every_identity_passed(built_book):
+    ledger = built_book.ledger()
+    assert {"pyro", "torch", "sympy", "identities"} <= ledger.keys()
+    import pyro
+    import torch
+
+    assert ledger["pyro"] == pyro.__version__ and ledger["torch"] == torch.__version__
+    rows = ledger["identities"]
+    assert rows, "ledger is empty"
+    for row in rows:
+        assert set(row) == {"id", "chapter", "label", "statement", "symbolic", "numeric", "passed"}, row["id"]
+        assert row["passed"] is True, row
+        num = row["numeric"]
+        if num is not None:
+            assert num["kind"] in {"exact", "monte-carlo"}
+            assert num["abs_error"] <= num["tolerance"], row["id"]
+    # every registered identity is in the ledger, once
+    ids = [r["id"] for r in rows]
+    assert sorted(ids) == sorted(IDENTITIES), set(ids) ^ set(IDENTITIES)
+    assert len([r for r in rows if r["chapter"] == "elbo"]) >= 5
+
+
+@pytest.mark.book
+def test_the_ledger_page_shows_every_identity(built_book):
+    page = (built_book.html / "ledger.html").read_text()
+    for iid in IDENTITIES:
+        assert f'id="identity-{iid}"' in page, iid
+
+
+def _throwaway_book(tmp: Path, chapter: str) -> Path:
+    """A minimal copy of the project: conf.py, code/, and a book with one chapter."""
+    shutil.copy(ROOT / "conf.py", tmp / "conf.py")
+    shutil.copytree(ROOT / "code", tmp / "code", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    book = tmp / "book"
+    shutil.copytree(ROOT / "book" / "_static", book / "_static")
+    shutil.copy(ROOT / "book" / "references.bib", book / "references.bib")
+    (book / "index.md").write_text("# Throwaway\n\n```{toctree}\n:numbered:\n\nchapter\nrefs\n```\n")
+    (book / "refs.md").write_text("# References\n\n```{bibliography}\n:all:\n```\n")
+    (book / "chapter.md").write_text(HEADER + chapter)
+    return book
+
+
+FALSE_CHAPTER = """
+# A false statement
+
+$$
+1 = 2
+$$ (one-equals-two)
+
+```{code-cell} ipython3
+from elbo_terms.book import verify
+from elbo_terms.identity import Identity, exact
+
+verify(Identity(id="deliberately-false", chapter="chapter", label="one-equals-two", statement="1 = 2",
+                numeric=lambda variant: exact(1.0, 2.0), wrong=("none",)))
+```
+"""
+
+
+def test_a_false_identity_fails_the_build_and_names_itself(tmp_path):
+    book = _throwaway_book(tmp_path, FALSE_CHAPTER)
+    build = sphinx_build(book, tmp_path / "_build", confdir=tmp_path)
+    assert build.returncode != 0
+    assert "deliberately-false" in build.log
+    assert "IdentityFailed" in build.log
+
+
+TRUE_CHAPTER = """
+# A true statement
+
+$$
+1 = 1
+$$ (one-equals-one)
+
+```{code-cell} ipython3
+from elbo_terms.book import verify
+from elbo_terms.identity import Identity, exact
+
+verify(Identity(id="one-is-one", chapter="chapter", label="one-equals-one", statement="1 = 1",
+                numeric=lambda variant: exact(1.0, 1.0), wrong=("none",)))
+```
+"""
+
+
+def test_editing_code_re_executes_the_chapters(tmp_path):
+    book = _throwaway_book(tmp_path, TRUE_CHAPTER)
+    out = tmp_path / "_build"
+    first = sphinx_build(book, out, confdir=tmp_path)
+    assert first.returncode == 0, first.log[-3000:]
+    assert "Executed notebook" in first.log
+    second = sphinx_build(book, out, confdir=tmp_path)
+    assert second.returncode == 0 and "Using cached notebook" in second.log and "Executed notebook" not in second.log
+    module = tmp_path / "code" / "elbo_terms" / "_util.py"
+    module.write_text(module.read_text() + "\n# an edit\n")
+    third = sphinx_build(book, out, confdir=tmp_path)
+    assert third.returncode == 0, third.log[-3000:]
+    assert "Executed notebook" in third.log, "a change under code/ must re-execute every chapter"
+    assert len(list((out / ".jupyter_cache").iterdir())) == 1, "old caches are pruned"
+
+
+WRONG_LABEL_CHAPTER = TRUE_CHAPTER.replace('label="one-equals-one"', 'label="no-such-equation"')
+
+
+def test_a_record_whose_equation_is_missing_fails_the_build(tmp_path):
+    book = _throwaway_book(tmp_path, WRONG_LABEL_CHAPTER)
+    build = sphinx_build(book, tmp_path / "_build", confdir=tmp_path)
+    assert build.returncode != 0
+    assert "no-such-equation" in build.log and "one-is-one" in build.log
