@@ -1,5 +1,673 @@
-"""``decompose(model, guide, ...)``: the per-term ELBO of your own model and guide. (Being written.)"""
+r"""``decompose(model, guide, ...)``: the per-term ELBO of your own model and guide.
+
+``Trace_ELBO(num_particles=S).loss(model, guide, *args)`` returns one number,
+
+.. math::
+
+    -\frac1S \sum_{s=1}^S \Big[\log p(x, z^{(s)}) - \log q_\lambda(z^{(s)})\Big],
+    \qquad z^{(s)} \sim q_\lambda .
+
+:func:`decompose` draws the *same* :math:`z^{(s)}` (same guide/model order, same poutine
+stack, same particle plate, so the same seed gives the same draws) and splits each
+particle's integrand over the sites of the two traces:
+
+.. math::
+
+    \underbrace{\log p(x \mid z)}_{\texttt{reconstruction}}
+    - \big(\underbrace{\log q_\lambda(z)}_{\texttt{log\_q}}
+           - \underbrace{\log p(z)}_{\texttt{log\_prior}}\big)
+    = \texttt{reconstruction} - \texttt{kl\_mc}.
+
+Every log-density is the one Pyro scores: computed by ``Trace.compute_log_prob`` /
+``compute_score_parts``, so plate subsampling (:math:`N/B`), ``poutine.scale`` and masks are
+applied exactly as ``Trace_ELBO`` applies them.  Where torch registers a closed form
+:math:`\mathrm{KL}(q \| p)` for every latent site, :func:`decompose` also reports it, and
+``reconstruction - kl_analytic`` is what ``TraceMeanField_ELBO`` reports.
+
+Bad input is refused with a :class:`DecomposeError` naming the site (a guide without a
+latent site of the model, a guide site the model lacks, a site marked for enumeration, a
+non-finite log-density, an observed value whose shape does not match its distribution); a
+model and a guide that scale a latent site differently -- the one-sided beta-VAE pitfall,
+which Pyro does not flag -- raise a :class:`ScaleMismatchWarning` that says what the
+objective then is.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import numbers
+import warnings
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.util import is_identically_zero, scale_and_mask
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
+from pyro.util import check_model_guide_match, check_site_shape
+
+__all__ = ["decompose", "Decomposition", "SiteTerm", "SiteTable", "DecomposeError", "ScaleMismatchWarning"]
+
+CHAPTER = "decompose"
+
+#: the name Pyro gives the plate that vectorizes particles (``ELBO._vectorized_num_particles``)
+PARTICLE_PLATE = "num_particles_vectorized"
+
+#: the per-particle quantities :func:`decompose` reports, in the order of the summary
+TERMS = ("elbo", "reconstruction", "log_prior", "log_q", "kl_mc", "kl_analytic", "elbo_mean_field")
 
 
-def decompose(model, guide, *args, num_particles=1, vectorize_particles=False, **kwargs):
-    raise NotImplementedError("decompose is being written")
+class DecomposeError(ValueError):
+    """A model/guide pair whose ELBO terms would be wrong or meaningless; the message names the site."""
+
+
+class ScaleMismatchWarning(UserWarning):
+    """The model and the guide scale a latent site by different factors (the one-sided beta pitfall)."""
+
+
+# ------------------------------------------------------------------------------------ results
+@dataclass(frozen=True)
+class SiteTerm:
+    """One sample site: what it contributes to the ELBO (averaged over the particles).
+
+    ``role`` is ``"observed"`` (a term of the reconstruction, including ``pyro.factor``),
+    ``"latent"`` (in the model and the guide) or ``"auxiliary"`` (guide only, marked
+    ``is_auxiliary``).  ``log_p`` is the scaled and masked log-density the model gives the
+    site, ``log_q`` the guide's; ``kl_analytic`` the closed-form ``KL(q || p)`` scaled by the
+    guide's scale (as ``TraceMeanField_ELBO`` scales it), or None when torch has none.
+    ``estimator`` is the gradient estimator Pyro uses for the guide site: ``"pathwise"``
+    (reparameterized), ``"score function"`` or ``"partly reparameterized"``.
+    """
+
+    name: str
+    role: str
+    distribution: str
+    batch_shape: tuple
+    event_shape: tuple
+    scale: object  # float, or a short description of a tensor scale; None for auxiliary sites
+    guide_scale: object
+    masked: bool
+    log_p: float | None
+    log_q: float | None
+    kl_analytic: float | None
+    reparameterized: bool | None
+    estimator: str | None
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["batch_shape"], d["event_shape"] = list(self.batch_shape), list(self.event_shape)
+        return d
+
+
+_COLUMNS = (
+    ("name", "site"),
+    ("role", "role"),
+    ("distribution", "distribution"),
+    ("batch_shape", "batch shape"),
+    ("event_shape", "event shape"),
+    ("scale", "scale (model / guide)"),
+    ("log_p", "log p"),
+    ("log_q", "log q"),
+    ("kl_analytic", "KL(q‖p)"),
+    ("estimator", "gradient estimator"),
+)
+
+
+def _cell(row: SiteTerm, key: str) -> str:
+    v = getattr(row, key)
+    if key == "scale":
+        if row.role == "auxiliary":
+            return f"– / {_fmt_scale(row.guide_scale)}"
+        if row.role == "observed":
+            return _fmt_scale(v)
+        return f"{_fmt_scale(v)} / {_fmt_scale(row.guide_scale)}" + (" ⚠" if v != row.guide_scale else "")
+    if key in ("batch_shape", "event_shape"):
+        return "(" + ", ".join(str(n) for n in v) + ("," if len(v) == 1 else "") + ")"
+    if key == "distribution" and row.masked:
+        return f"{v} (masked)"
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    return str(v)
+
+
+def _fmt_scale(s) -> str:
+    if isinstance(s, float):
+        return f"{s:g}"
+    return "–" if s is None else str(s)
+
+
+class SiteTable(tuple):
+    """The per-site table: a tuple of :class:`SiteTerm`, indexable by position or by site name.
+
+    ``table.to_records()`` gives plain data (a list of dicts); in a notebook it renders as
+    an HTML table.
+    """
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for row in self:
+                if row.name == key:
+                    return row
+            raise KeyError(f"no site named {key!r}; sites: {[r.name for r in self]}")
+        return tuple.__getitem__(self, key)
+
+    @property
+    def names(self) -> list:
+        return [row.name for row in self]
+
+    def to_records(self) -> list:
+        """The table as a list of plain dicts, one per site."""
+        return [row.as_dict() for row in self]
+
+    def _text(self) -> str:
+        rows = [[head for _, head in _COLUMNS]] + [[_cell(r, k) for k, _ in _COLUMNS] for r in self]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return self._text()
+
+    def _repr_html_(self):
+        head = "".join(f"<th>{html.escape(h)}</th>" for _, h in _COLUMNS)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in _COLUMNS) + "</tr>" for r in self
+        )
+        return f'<table class="decompose-sites"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    r"""The ELBO of one evaluation, split into terms (Python floats, means over the particles).
+
+    * ``elbo`` = mean over particles of :math:`\log p(x, z) - \log q(z)`; ``loss`` = ``-elbo``,
+      equal to ``Trace_ELBO(...).loss`` on the same draws;
+    * ``reconstruction`` = :math:`\log p(x \mid z)`, the observed sites of the model;
+    * ``log_prior`` = :math:`\log p(z)`, the latent sites of the model;
+    * ``log_q`` = :math:`\log q(z)`, every sample site of the guide;
+    * ``kl_mc`` = ``log_q - log_prior``, the one-draw estimate of the KL term, so that
+      ``elbo = reconstruction - kl_mc``;
+    * ``kl_analytic`` = :math:`\sum_\text{sites} \mathrm{KL}(q \| p)` in closed form, or None when
+      some latent site has none; ``elbo_mean_field`` = ``reconstruction - kl_analytic``
+      (minus ``log q`` of auxiliary guide sites, if any), equal to ``-TraceMeanField_ELBO(...).loss``;
+    * ``per_particle[term]``: the ``num_particles`` values of each term, and
+      ``stderr[term]`` their standard error (None when ``num_particles`` is 1);
+    * ``sites``: the per-site :class:`SiteTable`.
+    """
+
+    elbo: float
+    reconstruction: float
+    log_prior: float
+    log_q: float
+    kl_mc: float
+    kl_analytic: float | None
+    elbo_mean_field: float | None
+    num_particles: int
+    vectorize_particles: bool
+    per_particle: dict = field(repr=False)
+    stderr: dict = field(repr=False)
+    sites: SiteTable = field(repr=False)
+
+    @property
+    def loss(self) -> float:
+        """``-elbo``: what ``Trace_ELBO(...).loss`` returns on the same draws."""
+        return -self.elbo
+
+    def to_dict(self) -> dict:
+        """Everything as plain data (floats, lists, dicts)."""
+        d = {t: getattr(self, t) for t in TERMS}
+        d.update(
+            loss=self.loss,
+            num_particles=self.num_particles,
+            vectorize_particles=self.vectorize_particles,
+            per_particle={k: list(v) if v is not None else None for k, v in self.per_particle.items()},
+            stderr=dict(self.stderr),
+            sites=self.sites.to_records(),
+        )
+        return d
+
+    def _summary_rows(self):
+        for t in TERMS:
+            v = getattr(self, t)
+            se = self.stderr.get(t)
+            yield t, ("None" if v is None else f"{v:.6g}"), ("" if se is None else f"± {se:.3g}")
+
+    def __repr__(self):
+        s = "s" if self.num_particles > 1 else ""
+        lines = [f"Decomposition ({self.num_particles} particle{s}, mean; ± standard error)"]
+        lines += [f"  {t:16s} {v:>14s} {se}".rstrip() for t, v, se in self._summary_rows()]
+        lines.append(f"  {'loss':16s} {self.loss:>14.6g}")
+        return "\n".join(lines) + "\n" + self.sites._text()
+
+    def _repr_html_(self):
+        rows = "".join(
+            f"<tr><td><code>{t}</code></td><td>{html.escape(v)}</td><td>{html.escape(se)}</td></tr>"
+            for t, v, se in self._summary_rows()
+        )
+        rows += f"<tr><td><code>loss</code></td><td>{self.loss:.6g}</td><td></td></tr>"
+        s = "s" if self.num_particles > 1 else ""
+        caption = f"decompose: {self.num_particles} particle{s}" + (", vectorized" if self.vectorize_particles else "")
+        return (
+            f'<table class="decompose-terms"><caption>{html.escape(caption)}</caption>'
+            f"<thead><tr><th>term</th><th>mean</th><th>standard error</th></tr></thead><tbody>{rows}</tbody></table>"
+            + self.sites._repr_html_()
+        )
+
+
+# ---------------------------------------------------------------- running the two programs
+def _particle_plate(fn, num_particles, max_plate_nesting):
+    """Pyro's ``ELBO._vectorized_num_particles``: wrap ``fn`` in the outermost particle plate."""
+    if num_particles == 1:
+        return fn
+    return pyro.plate(PARTICLE_PLATE, num_particles, dim=-max_plate_nesting)(fn)
+
+
+def _run(what: str, fn, particle: str):
+    """Call ``fn()``; if the user's program raises, say which one (the original error is chained)."""
+    try:
+        return fn()
+    except DecomposeError:
+        raise
+    except Exception as e:  # noqa: BLE001  (re-raised with context)
+        raise RuntimeError(f"decompose: the {what} raised {type(e).__name__}: {e} ({particle})") from e
+
+
+def _run_pair(model, guide, args, kwargs, particle):
+    """Guide first, then the model replayed against it: ``get_importance_trace`` with graph_type "flat"."""
+    unwrapped = poutine.unwrap(guide)
+    if isinstance(unwrapped, poutine.messenger.Messenger):  # a GuideMessenger runs model and guide together
+        _run("guide", lambda: guide(*args, **kwargs), particle)
+        return unwrapped.get_traces()
+    guide_trace = _run("guide", lambda: poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs), particle)
+    replayed = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat")
+    model_trace = _run("model", lambda: replayed.get_trace(*args, **kwargs), particle)
+    return model_trace, guide_trace
+
+
+def _guess_max_plate_nesting(model, guide, args, kwargs) -> int:
+    """Pyro's ``ELBO._guess_max_plate_nesting``: one blocked run of the pair, counting plate dims.
+
+    ``Trace_ELBO(vectorize_particles=True)`` without ``max_plate_nesting`` makes this extra
+    run (and its random draws) before the vectorized one, so :func:`decompose` makes it too.
+    """
+    with poutine.block():
+        why = "guessing max_plate_nesting"
+        guide_trace = _run("guide", lambda: poutine.trace(guide).get_trace(*args, **kwargs), why)
+        replayed = poutine.trace(poutine.replay(model, trace=guide_trace))
+        model_trace = _run("model", lambda: replayed.get_trace(*args, **kwargs), why)
+    guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
+    sites = [s for tr in (model_trace, guide_trace) for s in tr.nodes.values() if s["type"] == "sample"]
+    if is_validation_enabled():
+        guide_trace.compute_log_prob()
+        model_trace.compute_log_prob()
+        for site in sites:
+            check_site_shape(site, max_plate_nesting=float("inf"))
+    dims = [frame.dim for site in sites for frame in site["cond_indep_stack"] if frame.vectorized]
+    return -min(dims) if dims else 0
+
+
+def _sample_sites(trace) -> dict:
+    return {name: s for name, s in trace.nodes.items() if s["type"] == "sample" and not site_is_subsample(s)}
+
+
+def _check_pair(model_trace, guide_trace):
+    """Refuse what would make the terms wrong or meaningless; every message names the site."""
+    model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
+    for where, sites in (("model", model_sites), ("guide", guide_sites)):
+        for name, site in sites.items():
+            how = site["infer"].get("enumerate")
+            if how and not site["is_observed"]:
+                raise DecomposeError(
+                    f"{where} site {name!r} is marked for enumeration (infer={{'enumerate': {how!r}}}). "
+                    "Trace_ELBO does not enumerate: it would draw one value and score it, a different objective. "
+                    "Use TraceEnum_ELBO for this model, or remove the enumerate flag; decompose splits Trace_ELBO only."
+                )
+    latent = [n for n, s in model_sites.items() if not s["is_observed"]]
+    missing = [n for n in latent if n not in guide_sites]
+    if missing:
+        raise DecomposeError(
+            f"the guide has no sample site {missing[0]!r}, a latent site of the model"
+            + (f" (nor {missing[1:]})" if len(missing) > 1 else "")
+            + ". The model would draw it from its prior and Trace_ELBO would score a different objective; "
+            "add a pyro.sample site of that name to the guide, or observe it in the model."
+        )
+    for name, site in guide_sites.items():
+        if name not in model_sites:
+            if not site["infer"].get("is_auxiliary"):
+                raise DecomposeError(
+                    f"the guide has a sample site {name!r} that the model lacks; Trace_ELBO would add its log q "
+                    "to the loss with no log p to match. Remove it, rename it to the model's site, or mark it "
+                    "infer={'is_auxiliary': True} if it is an auxiliary variable of the guide."
+                )
+        elif model_sites[name]["is_observed"]:
+            raise DecomposeError(
+                f"the guide samples {name!r}, which the model observes: replay ignores the guide's value, "
+                "yet Trace_ELBO would still subtract its log q. Remove the site from the guide."
+            )
+
+
+def _check_site(where: str, name: str, site):
+    """The log-prob of a site must have the distribution's batch shape (else the obs broadcast)."""
+    fn, lp = site["fn"], site["unscaled_log_prob"]
+    if isinstance(lp, torch.Tensor) and lp.shape != fn.batch_shape:
+        value = site["value"]
+        what = "observed value" if site["is_observed"] else "value (from the guide)"
+        raise DecomposeError(
+            f"{where} site {name!r}: the {what} has shape {tuple(value.shape)}, but the distribution has "
+            f"batch shape {tuple(fn.batch_shape)} and event shape {tuple(fn.event_shape)}, so its log-density "
+            f"broadcasts to shape {tuple(lp.shape)} and counts terms that are not there. "
+            f"Give the value shape {tuple(fn.batch_shape + fn.event_shape)} (or .to_event the distribution)."
+        )
+
+
+def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle):
+    """One (model_trace, guide_trace): ``Trace_ELBO._get_trace`` with decompose's checks added."""
+    model_trace, guide_trace = _run_pair(model, guide, args, kwargs, particle)
+    _check_pair(model_trace, guide_trace)
+    if is_validation_enabled():
+        check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_score_parts()
+    for where, trace in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample":
+                if is_validation_enabled():
+                    check_site_shape(site, max_plate_nesting)
+                _check_site(where, name, site)
+    return model_trace, guide_trace
+
+
+# ------------------------------------------------------------------------ reading the traces
+def _per_particle(t, num_vectorized: int, dim: int | None):
+    """Sum a scaled log-prob (or KL) tensor to one value per particle: a tensor of shape (P,).
+
+    Without vectorization P = 1 and this is ``t.sum()``.  With the particle plate at ``dim``,
+    every other dim is summed.  A term that does not vary along the particle dim (size 1)
+    entered Pyro's sum once for all particles, so each particle gets 1/P of it.
+    """
+    if not isinstance(t, torch.Tensor):
+        t = torch.as_tensor(float(t))
+    if num_vectorized == 1:
+        return t.sum().reshape(1)
+    if t.dim() >= -dim and t.shape[dim] == num_vectorized:
+        return t.movedim(dim, 0).reshape(num_vectorized, -1).sum(1)
+    return (t.sum() / num_vectorized).expand(num_vectorized)
+
+
+def _kl(guide_site, model_site):
+    """``TraceMeanField_ELBO``'s closed-form term: KL(q || p), scaled and masked by the guide site."""
+    try:
+        kl = torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
+    except NotImplementedError:
+        return None
+    kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+    if not torch.is_tensor(kl):
+        kl = kl * torch.Size(guide_site["fn"].batch_shape).numel()
+    return kl
+
+
+def _describe(fn) -> str:
+    """A short name of a distribution: ``Normal``, ``Independent(Normal, 1)``, ``Unit (pyro.factor)``."""
+    if isinstance(fn, dist.MaskedDistribution):
+        return _describe(fn.base_dist)
+    if isinstance(fn, dist.ExpandedDistribution):
+        return _describe(fn.base_dist)
+    if isinstance(fn, torch.distributions.Independent):
+        return f"Independent({_describe(fn.base_dist)}, {fn.reinterpreted_batch_ndims})"
+    if isinstance(fn, dist.Unit):
+        return "Unit (pyro.factor)"
+    return type(fn).__name__
+
+
+def _scale_value(s):
+    """A site's scale as a float, or a short description when it is a non-scalar tensor."""
+    if isinstance(s, numbers.Number):
+        return float(s)
+    if isinstance(s, torch.Tensor) and s.numel() == 1:
+        return float(s)
+    return f"tensor{tuple(s.shape)}"
+
+
+def _same_scale(a, b) -> bool:
+    if isinstance(a, numbers.Number) and isinstance(b, numbers.Number):
+        return a == b
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    try:
+        a, b = torch.broadcast_tensors(a, b)
+    except RuntimeError:
+        return False
+    return bool((a == b).all())
+
+
+def _estimator(guide_site) -> str:
+    parts = guide_site["score_parts"]
+    if is_identically_zero(parts.score_function):
+        return "pathwise"
+    if is_identically_zero(parts.entropy_term):
+        return "score function"
+    return "partly reparameterized"
+
+
+def _scale_warning(name, model_scale, guide_scale) -> str:
+    ms, gs = _scale_value(model_scale), _scale_value(guide_scale)
+    if isinstance(ms, float) and isinstance(gs, float):
+        objective = (
+            f"E_q[log p(x|z)] - {ms:g} * KL(q||p) + ({gs:g} - {ms:g}) * H[q] for this site, "
+            f"where H[q] is the guide's entropy"
+        )
+    else:
+        objective = "E_q[log p(x|z)] - s_p * KL(q||p) + (s_q - s_p) * H[q] for this site (elementwise scales)"
+    return (
+        f"latent site {name!r} is scaled by {ms} in the model (log p) but by {gs} in the guide (log q). "
+        f"The objective is then {objective}, not reconstruction - {ms} * KL: the entropy term does not cancel. "
+        "Pyro does not check this. To weight the KL by a factor beta, scale the site by the same factor in the "
+        "guide too (poutine.scale around the pyro.sample in both programs); with plate subsampling, put the "
+        "guide's local sites in the same subsampled plate."
+    )
+
+
+def _read(model_trace, guide_trace, num_vectorized, dim, acc):
+    """One pass over a pair of traces: append each site's per-particle terms to ``acc``."""
+    rows, columns = acc["rows"], acc["columns"]
+    guide_sites = guide_trace.nodes
+
+    def column(key, value):
+        columns.setdefault(key, {})[acc["particle"]] = _per_particle(value, num_vectorized, dim)
+
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        observed = site["is_observed"]
+        column(("p", name), site["log_prob"])
+        if name not in rows:
+            rows[name] = {"role": "observed" if observed else "latent", "model": site}
+        if observed:
+            continue
+        g = guide_sites[name]
+        rows[name]["guide"] = g
+        column(("q", name), g["log_prob"])
+        kl = _kl(g, site) if acc["kl"] else None
+        if kl is None:
+            acc["kl"] = False
+        else:
+            column(("kl", name), kl)
+        if name not in acc["scale_checked"]:
+            acc["scale_checked"].add(name)
+            if not _same_scale(site["scale"], g["scale"]):
+                warnings.warn(_scale_warning(name, site["scale"], g["scale"]), ScaleMismatchWarning, stacklevel=3)
+    for name, g in guide_sites.items():
+        if g["type"] == "sample" and name not in model_trace.nodes:
+            column(("q", name), g["log_prob"])
+            rows.setdefault(name, {"role": "auxiliary", "guide": g})
+
+
+# ----------------------------------------------------------------------------- the function
+def decompose(
+    model,
+    guide,
+    *args,
+    num_particles: int = 1,
+    vectorize_particles: bool = False,
+    max_plate_nesting: int | None = None,
+    **kwargs,
+) -> Decomposition:
+    r"""Split the ELBO that ``Trace_ELBO`` estimates for ``(model, guide)`` into its terms.
+
+    Runs the guide and the model exactly as ``Trace_ELBO(num_particles=num_particles,
+    vectorize_particles=vectorize_particles, max_plate_nesting=...)`` runs them (so, after
+    the same ``pyro.set_rng_seed``, on the same draws) and returns a :class:`Decomposition`:
+
+    .. math::
+
+        \texttt{elbo} = \frac1S \sum_{s=1}^S \big[\log p(x, z^{(s)}) - \log q(z^{(s)})\big]
+        = \texttt{reconstruction} - \texttt{kl\_mc},
+        \qquad \texttt{kl\_mc} = \texttt{log\_q} - \texttt{log\_prior}.
+
+    ``args`` and ``kwargs`` go to both programs.  ``max_plate_nesting`` is Trace_ELBO's
+    option of that name (only needed with ``vectorize_particles``; without it, Pyro and
+    decompose guess it with one extra run of the pair).  The values are computed without
+    building an autograd graph; the param store ends as running the guide leaves it.
+
+    Raises :class:`DecomposeError` for a pair whose terms would be wrong (see the module
+    docstring) and ``RuntimeError`` (chaining the original) when the model or guide raises;
+    warns :class:`ScaleMismatchWarning` when model and guide scale a latent site differently.
+    """
+    if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral) or num_particles < 1:
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    num_particles = int(num_particles)
+    if max_plate_nesting is not None and (not isinstance(max_plate_nesting, numbers.Integral) or max_plate_nesting < 0):
+        raise ValueError(f"max_plate_nesting must be a non-negative integer or None, got {max_plate_nesting!r}")
+    if not callable(model) or not callable(guide):
+        raise TypeError("decompose(model, guide, *args): model and guide must be callables (Pyro programs)")
+
+    acc = {"rows": {}, "columns": {}, "kl": True, "scale_checked": set(), "particle": 0}
+    elbo = 0.0
+    with torch.no_grad():
+        if vectorize_particles:
+            mpn = float("inf") if max_plate_nesting is None else max_plate_nesting
+            if mpn == float("inf"):
+                mpn = _guess_max_plate_nesting(model, guide, args, kwargs)
+            if num_particles > 1:
+                mpn += 1  # the particle plate is one more dim (as in ELBO.__init__ / _guess_max_plate_nesting)
+            m = _particle_plate(model, num_particles, mpn)
+            g = _particle_plate(guide, num_particles, mpn)
+            model_trace, guide_trace = _one_trace(m, g, args, kwargs, mpn, f"{num_particles} vectorized particles")
+            elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / num_particles
+            _read(model_trace, guide_trace, num_particles, -mpn, acc)
+        else:
+            mpn = float("inf") if max_plate_nesting is None else max_plate_nesting
+            for i in range(num_particles):
+                acc["particle"] = i
+                particle = f"particle {i + 1} of {num_particles}"
+                model_trace, guide_trace = _one_trace(model, guide, args, kwargs, mpn, particle)
+                elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / num_particles
+                _read(model_trace, guide_trace, 1, None, acc)
+        return _assemble(elbo, acc, num_particles, bool(vectorize_particles))
+
+
+def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
+    """Turn the per-site per-particle columns into floats (one conversion) and the result."""
+    rows, columns, has_kl = acc["rows"], acc["columns"], acc["kl"]
+    keys = [k for k in columns if has_kl or k[0] != "kl"]
+    runs = 1 if vectorized else num_particles  # how many traces there were
+    full = []
+    for k in keys:
+        parts = columns[k]
+        if len(parts) < runs:  # dynamic structure: a site absent from a particle contributes 0 there
+            zero = torch.zeros(1, dtype=torch.float64)
+            parts = {i: parts.get(i, zero) for i in range(runs)}
+        full.append(torch.cat([parts[i].to(torch.float64) for i in range(runs)]))
+    values = torch.stack(full).tolist() if full else []
+    table = dict(zip(keys, values, strict=True))
+
+    for (kind, name), vals in table.items():
+        bad = [v for v in vals if not math.isfinite(v)]
+        if bad:
+            where = {"p": "model", "q": "guide", "kl": "KL(q||p) at"}[kind]
+            prefix = "" if kind == "kl" else "log-density at "
+            raise DecomposeError(
+                f"{prefix}{where} site {name!r} is {bad[0]} (particle {vals.index(bad[0]) + 1}). "
+                "An ELBO with a non-finite term is meaningless: check the site's parameters (NaN?) and that "
+                "its value lies in the distribution's support."
+            )
+
+    zeros = [0.0] * num_particles
+
+    def total(kind, role):
+        out = zeros
+        for name, row in rows.items():
+            if row["role"] in role and (kind, name) in table:
+                out = [a + b for a, b in zip(out, table[(kind, name)], strict=True)]
+        return out
+
+    recon = total("p", ("observed",))
+    prior = total("p", ("latent",))
+    log_q = total("q", ("latent", "auxiliary"))
+    aux_q = total("q", ("auxiliary",))
+    per = {
+        "elbo": [r + p - q for r, p, q in zip(recon, prior, log_q, strict=True)],
+        "reconstruction": recon,
+        "log_prior": prior,
+        "log_q": log_q,
+        "kl_mc": [q - p for q, p in zip(log_q, prior, strict=True)],
+        "kl_analytic": None,
+        "elbo_mean_field": None,
+    }
+    if has_kl:
+        kl = total("kl", ("latent",))
+        per["kl_analytic"] = kl
+        per["elbo_mean_field"] = [r - k - a for r, k, a in zip(recon, kl, aux_q, strict=True)]
+
+    def mean(v):
+        return None if v is None else math.fsum(v) / num_particles
+
+    def stderr(v):
+        if v is None or num_particles == 1:
+            return None
+        mu = mean(v)
+        return math.sqrt(math.fsum((x - mu) ** 2 for x in v) / (num_particles - 1) / num_particles)
+
+    sites = []
+    for name, row in rows.items():
+        msite, gsite = row.get("model"), row.get("guide")
+        site = msite if msite is not None else gsite
+        fn = site["fn"]
+        sites.append(
+            SiteTerm(
+                name=name,
+                role=row["role"],
+                distribution=_describe(fn),
+                batch_shape=tuple(fn.batch_shape),
+                event_shape=tuple(fn.event_shape),
+                scale=None if msite is None else _scale_value(msite["scale"]),
+                guide_scale=None if gsite is None else _scale_value(gsite["scale"]),
+                masked=any(s is not None and s["mask"] is not None for s in (msite, gsite)),
+                log_p=mean(table.get(("p", name))),
+                log_q=mean(table.get(("q", name))),
+                kl_analytic=mean(table.get(("kl", name))),
+                reparameterized=None if gsite is None else bool(gsite["fn"].has_rsample),
+                estimator=None if gsite is None else _estimator(gsite),
+            )
+        )
+    return Decomposition(
+        elbo=elbo,
+        reconstruction=mean(per["reconstruction"]),
+        log_prior=mean(per["log_prior"]),
+        log_q=mean(per["log_q"]),
+        kl_mc=mean(per["kl_mc"]),
+        kl_analytic=mean(per["kl_analytic"]),
+        elbo_mean_field=mean(per["elbo_mean_field"]),
+        num_particles=num_particles,
+        vectorize_particles=vectorized,
+        per_particle=per,
+        stderr={t: stderr(per[t]) for t in TERMS},
+        sites=SiteTable(sites),
+    )
