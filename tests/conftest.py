@@ -26,11 +26,11 @@ class Build:
         return json.loads((self.html / "ledger.json").read_text())
 
 
-def sphinx_build(src: Path, out: Path, confdir: Path = ROOT, fresh: bool = True) -> Build:
+def sphinx_build(src: Path, out: Path, confdir: Path = ROOT, fresh: bool = True, env: dict | None = None) -> Build:
     """Run the strict build of ``src`` into ``out/html`` with its execution cache in ``out``."""
     cmd = [sys.executable, "-m", "sphinx", "-n", "-W", "--keep-going", "-c", str(confdir), str(src), str(out / "html")]
     cmd += ["-d", str(out / "doctrees")] + (["-E"] if fresh else [])
-    env = dict(os.environ, ELBO_TERMS_BUILD_DIR=str(out))
+    env = dict(os.environ, ELBO_TERMS_BUILD_DIR=str(out), **(env or {}))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     return Build(out, proc.returncode, proc.stdout + proc.stderr)
 

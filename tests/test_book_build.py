@@ -120,3 +120,18 @@ def test_a_record_whose_equation_is_missing_fails_the_build(tmp_path):
     build = sphinx_build(book, tmp_path / "_build", confdir=tmp_path)
     assert build.returncode != 0
     assert "no-such-equation" in build.log and "one-is-one" in build.log
+
+
+def test_an_identity_its_chapter_never_verifies_fails_the_build(tmp_path):
+    book = _throwaway_book(tmp_path, TRUE_CHAPTER)
+    package = tmp_path / "code" / "elbo_terms"
+    (package / "forgotten.py").write_text(
+        "from .identity import Identity, exact, register\n"
+        'register(Identity(id="forgotten-identity", chapter="chapter", statement="2 = 2",\n'
+        '                  numeric=lambda v: exact(2.0, 2.0), wrong=("none",)))\n'
+    )
+    init = package / "__init__.py"
+    init.write_text(init.read_text() + "\nfrom . import forgotten  # noqa: E402, F401\n")
+    build = sphinx_build(book, tmp_path / "_build", confdir=tmp_path, env={"PYTHONPATH": str(tmp_path / "code")})
+    assert build.returncode != 0
+    assert "forgotten-identity" in build.log and "never verifies it" in build.log

@@ -67,7 +67,8 @@ class Result:
     def _repr_html_(self):
         i, n = self.identity, self.numeric
         mark = "&#10004;" if self.passed else "&#10008;"
-        bits = [f"<strong>{mark} <code>{html.escape(i.id)}</code></strong>"]
+        ledger = f'<a href="ledger.html#identity-{html.escape(i.id)}">ledger</a>'
+        bits = [f"<strong>{mark} <code>{html.escape(i.id)}</code></strong> ({ledger})"]
         if self.symbolic is not None:
             bits.append("SymPy: " + ("proved" if self.symbolic else "not proved"))
         if n is not None:

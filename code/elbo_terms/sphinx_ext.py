@@ -36,6 +36,9 @@ class IdentityLedgerDirective(SphinxDirective):
     has_content = False
 
     def run(self):
+        if not hasattr(self.env, "elbo_ledger_pages"):
+            self.env.elbo_ledger_pages = {}
+        self.env.elbo_ledger_pages[self.env.docname] = True
         return [ledger_placeholder()]
 
 
@@ -94,15 +97,31 @@ def check_records(app, env):
                 )
         if not rec["passed"]:
             logger.warning(f"{where}: FAILED", type="elbo_terms", subtype="ledger")
+    # chapters executed as notebooks must verify every identity registered for them
+    notebooks = {d for d in env.found_docs if "kernelspec" in env.metadata.get(d, {})}
     for rid, ident in IDENTITIES.items():
-        if ident.chapter in env.found_docs and rid not in seen:
+        if ident.chapter in notebooks and rid not in seen:
             logger.warning(
                 f"identity '{rid}' is registered for chapter '{ident.chapter}' but that chapter never verifies it",
                 type="elbo_terms",
                 subtype="ledger",
             )
+    # each row of the ledger is a reference target: {ref}`identity-<id>` from any page
+    std = env.get_domain("std")
+    ledger_doc = _ledger_doc(env)
+    if ledger_doc is not None:
+        for rec in records:
+            name = f"identity-{rec['id']}"
+            std.labels[name] = (ledger_doc, name, f"ledger: {rec['id']}")
+            std.anonlabels[name] = (ledger_doc, name)
     app.env.elbo_ledger = records
     return []
+
+
+def _ledger_doc(env):
+    """The page that holds the ``{identity-ledger}`` directive."""
+    docs = [d for d, meta in getattr(env, "elbo_ledger_pages", {}).items() if meta]
+    return docs[0] if docs else None
 
 
 def _text_cell(text, literal=False):
@@ -214,8 +233,20 @@ def write_json(app, exception):
     Path(app.outdir, "ledger.json").write_text(json.dumps(out, indent=2, sort_keys=False) + "\n", encoding="utf8")
 
 
+def purge(app, env, docname):
+    getattr(env, "elbo_ledger_pages", {}).pop(docname, None)
+
+
+def merge(app, env, docnames, other):
+    if not hasattr(env, "elbo_ledger_pages"):
+        env.elbo_ledger_pages = {}
+    env.elbo_ledger_pages.update(getattr(other, "elbo_ledger_pages", {}))
+
+
 def setup(app):
     app.add_node(ledger_placeholder)
+    app.connect("env-purge-doc", purge)
+    app.connect("env-merge-info", merge)
     app.add_directive("identity-ledger", IdentityLedgerDirective)
     app.connect("env-check-consistency", lambda app, env: check_records(app, env))
     app.connect("doctree-resolved", fill_ledger)
