@@ -137,7 +137,7 @@ def _cell(row: SiteTerm, key: str) -> str:
 
 def _fmt_scale(s) -> str:
     if isinstance(s, float):
-        return f"{s:g}"
+        return f"{s:.6g}"
     return "–" if s is None else str(s)
 
 
@@ -319,7 +319,7 @@ def _sample_sites(trace) -> dict:
 def _check_pair(model_trace, guide_trace):
     """Refuse what would make the terms wrong or meaningless; every message names the site."""
     model_sites, guide_sites = _sample_sites(model_trace), _sample_sites(guide_trace)
-    for where, sites in (("model", model_sites), ("guide", guide_sites)):
+    for where, sites in (("guide", guide_sites), ("model", model_sites)):
         for name, site in sites.items():
             how = site["infer"].get("enumerate")
             if how and not site["is_observed"]:
@@ -352,21 +352,36 @@ def _check_pair(model_trace, guide_trace):
             )
 
 
-def _check_site(where: str, name: str, site):
-    """The log-prob of a site must have the distribution's batch shape (else the obs broadcast)."""
-    fn, lp = site["fn"], site["unscaled_log_prob"]
-    if isinstance(lp, torch.Tensor) and lp.shape != fn.batch_shape:
-        value = site["value"]
-        what = "observed value" if site["is_observed"] else "value (from the guide)"
-        raise DecomposeError(
-            f"{where} site {name!r}: the {what} has shape {tuple(value.shape)}, but the distribution has "
-            f"batch shape {tuple(fn.batch_shape)} and event shape {tuple(fn.event_shape)}, so its log-density "
-            f"broadcasts to shape {tuple(lp.shape)} and counts terms that are not there. "
-            f"Give the value shape {tuple(fn.batch_shape + fn.event_shape)} (or .to_event the distribution)."
-        )
+def _check_site(where: str, name: str, site, particle_dim):
+    """Every value must be scored once: its log-density may not broadcast the value to more terms.
+
+    The log-prob of a site has the shape of its value's batch dims (the value's shape minus
+    the event dims), except along the vectorized-particle dim, where data are shared by all
+    particles.  An ``obs`` of shape ``(N, 1)`` under a distribution of batch shape ``(N,)``
+    breaks this: its log-prob has shape ``(N, N)`` and counts every datum ``N`` times.
+    """
+    fn, lp, value = site["fn"], site["unscaled_log_prob"], site["value"]
+    if not isinstance(lp, torch.Tensor) or not isinstance(value, torch.Tensor):
+        return
+    event_dim = len(fn.event_shape)
+    vshape = tuple(value.shape[: value.dim() - event_dim])
+    vshape = (1,) * (lp.dim() - len(vshape)) + vshape
+    for i in range(-1, -lp.dim() - 1, -1):
+        if vshape[i] != lp.shape[i] and not (vshape[i] == 1 and i == particle_dim):
+            break
+    else:
+        if len(vshape) == lp.dim():
+            return
+    what = "observed value" if site["is_observed"] else "value (drawn by the guide)"
+    raise DecomposeError(
+        f"{where} site {name!r}: the {what} has shape {tuple(value.shape)}, but the distribution has "
+        f"batch shape {tuple(fn.batch_shape)} and event shape {tuple(fn.event_shape)}, so its log-density "
+        f"broadcasts the value to shape {tuple(lp.shape)} and counts some of it more than once. "
+        f"Give the value shape {tuple(fn.batch_shape + fn.event_shape)} (or .to_event the distribution)."
+    )
 
 
-def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle):
+def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle, particle_dim=None):
     """One (model_trace, guide_trace): ``Trace_ELBO._get_trace`` with decompose's checks added."""
     model_trace, guide_trace = _run_pair(model, guide, args, kwargs, particle)
     _check_pair(model_trace, guide_trace)
@@ -379,9 +394,9 @@ def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle):
     for where, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] == "sample":
+                _check_site(where, name, site, particle_dim)
                 if is_validation_enabled():
                     check_site_shape(site, max_plate_nesting)
-                _check_site(where, name, site)
     return model_trace, guide_trace
 
 
@@ -427,6 +442,14 @@ def _describe(fn) -> str:
     return type(fn).__name__
 
 
+def _is_masked(site) -> bool:
+    """Masked by ``poutine.mask`` (the site's mask) or by ``.mask()`` (a MaskedDistribution)."""
+    fn = site["fn"]
+    while isinstance(fn, (dist.ExpandedDistribution, torch.distributions.Independent)):
+        fn = fn.base_dist
+    return site["mask"] is not None or isinstance(fn, dist.MaskedDistribution)
+
+
 def _scale_value(s):
     """A site's scale as a float, or a short description when it is a non-scalar tensor."""
     if isinstance(s, numbers.Number):
@@ -457,11 +480,10 @@ def _estimator(guide_site) -> str:
 
 
 def _scale_warning(name, model_scale, guide_scale) -> str:
-    ms, gs = _scale_value(model_scale), _scale_value(guide_scale)
-    if isinstance(ms, float) and isinstance(gs, float):
+    ms, gs = _fmt_scale(_scale_value(model_scale)), _fmt_scale(_scale_value(guide_scale))
+    if isinstance(_scale_value(model_scale), float) and isinstance(_scale_value(guide_scale), float):
         objective = (
-            f"E_q[log p(x|z)] - {ms:g} * KL(q||p) + ({gs:g} - {ms:g}) * H[q] for this site, "
-            f"where H[q] is the guide's entropy"
+            f"E_q[log p(x|z)] - {ms} * KL(q||p) + ({gs} - {ms}) * H[q] for this site, where H[q] is the guide's entropy"
         )
     else:
         objective = "E_q[log p(x|z)] - s_p * KL(q||p) + (s_q - s_p) * H[q] for this site (elementwise scales)"
@@ -494,9 +516,9 @@ def _read(model_trace, guide_trace, num_vectorized, dim, acc):
         g = guide_sites[name]
         rows[name]["guide"] = g
         column(("q", name), g["log_prob"])
-        kl = _kl(g, site) if acc["kl"] else None
+        kl = _kl(g, site)
         if kl is None:
-            acc["kl"] = False
+            acc["kl_missing"].add(name)
         else:
             column(("kl", name), kl)
         if name not in acc["scale_checked"]:
@@ -548,7 +570,7 @@ def decompose(
     if not callable(model) or not callable(guide):
         raise TypeError("decompose(model, guide, *args): model and guide must be callables (Pyro programs)")
 
-    acc = {"rows": {}, "columns": {}, "kl": True, "scale_checked": set(), "particle": 0}
+    acc = {"rows": {}, "columns": {}, "kl_missing": set(), "scale_checked": set(), "particle": 0}
     elbo = 0.0
     with torch.no_grad():
         if vectorize_particles:
@@ -559,7 +581,9 @@ def decompose(
                 mpn += 1  # the particle plate is one more dim (as in ELBO.__init__ / _guess_max_plate_nesting)
             m = _particle_plate(model, num_particles, mpn)
             g = _particle_plate(guide, num_particles, mpn)
-            model_trace, guide_trace = _one_trace(m, g, args, kwargs, mpn, f"{num_particles} vectorized particles")
+            why = f"{num_particles} vectorized particles"
+            dim = -mpn if num_particles > 1 else None
+            model_trace, guide_trace = _one_trace(m, g, args, kwargs, mpn, why, dim)
             elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / num_particles
             _read(model_trace, guide_trace, num_particles, -mpn, acc)
         else:
@@ -575,8 +599,8 @@ def decompose(
 
 def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
     """Turn the per-site per-particle columns into floats (one conversion) and the result."""
-    rows, columns, has_kl = acc["rows"], acc["columns"], acc["kl"]
-    keys = [k for k in columns if has_kl or k[0] != "kl"]
+    rows, columns, has_kl = acc["rows"], acc["columns"], not acc["kl_missing"]
+    keys = [k for k in columns if k[0] != "kl" or k[1] not in acc["kl_missing"]]
     runs = 1 if vectorized else num_particles  # how many traces there were
     full = []
     for k in keys:
@@ -588,16 +612,19 @@ def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
     values = torch.stack(full).tolist() if full else []
     table = dict(zip(keys, values, strict=True))
 
-    for (kind, name), vals in table.items():
-        bad = [v for v in vals if not math.isfinite(v)]
-        if bad:
-            where = {"p": "model", "q": "guide", "kl": "KL(q||p) at"}[kind]
-            prefix = "" if kind == "kl" else "log-density at "
-            raise DecomposeError(
-                f"{prefix}{where} site {name!r} is {bad[0]} (particle {vals.index(bad[0]) + 1}). "
-                "An ELBO with a non-finite term is meaningless: check the site's parameters (NaN?) and that "
-                "its value lies in the distribution's support."
-            )
+    bad = [
+        f"{where} site {name!r} is {v} (particle {i + 1})"
+        for kind, where in (("q", "log q at guide"), ("p", "log p at model"), ("kl", "KL(q||p) at"))
+        for (k, name), vals in table.items()
+        if k == kind
+        for i, v in enumerate(vals)
+        if not math.isfinite(v)
+    ]
+    if bad:
+        raise DecomposeError(
+            "non-finite terms: " + "; ".join(dict.fromkeys(bad)) + ". An ELBO with a non-finite term is meaningless: "
+            "check the site's parameters (NaN?) and that its value lies in the distribution's support."
+        )
 
     zeros = [0.0] * num_particles
 
@@ -649,7 +676,7 @@ def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
                 event_shape=tuple(fn.event_shape),
                 scale=None if msite is None else _scale_value(msite["scale"]),
                 guide_scale=None if gsite is None else _scale_value(gsite["scale"]),
-                masked=any(s is not None and s["mask"] is not None for s in (msite, gsite)),
+                masked=any(_is_masked(s) for s in (msite, gsite) if s is not None),
                 log_p=mean(table.get(("p", name))),
                 log_q=mean(table.get(("q", name))),
                 kl_analytic=mean(table.get(("kl", name))),
