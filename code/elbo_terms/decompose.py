@@ -34,6 +34,7 @@ objective then is.
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 import numbers
@@ -48,6 +49,9 @@ from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
+
+from ._util import float64, seeded
+from .identity import Identity, exact, register
 
 __all__ = ["decompose", "Decomposition", "SiteTerm", "SiteTable", "DecomposeError", "ScaleMismatchWarning"]
 
@@ -212,7 +216,12 @@ class Decomposition:
     vectorize_particles: bool
     per_particle: dict = field(repr=False)
     stderr: dict = field(repr=False)
-    sites: SiteTable = field(repr=False)
+    _site_rows: tuple = field(repr=False, compare=False)
+
+    @functools.cached_property
+    def sites(self) -> SiteTable:
+        """The per-site table (built when first asked for: the numbers are already floats)."""
+        return SiteTable(_site_term(*row) for row in self._site_rows)
 
     @property
     def loss(self) -> float:
@@ -402,16 +411,17 @@ def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle, particle
 
 # ------------------------------------------------------------------------ reading the traces
 def _per_particle(t, num_vectorized: int, dim: int | None):
-    """Sum a scaled log-prob (or KL) tensor to one value per particle: a tensor of shape (P,).
+    """Sum a scaled log-prob (or KL) tensor to one value per particle.
 
-    Without vectorization P = 1 and this is ``t.sum()``.  With the particle plate at ``dim``,
-    every other dim is summed.  A term that does not vary along the particle dim (size 1)
-    entered Pyro's sum once for all particles, so each particle gets 1/P of it.
+    Without vectorization this is ``t.sum()``, a 0-dim tensor.  With ``num_vectorized``
+    particles in the particle plate at ``dim``, every other dim is summed: a tensor of shape
+    ``(num_vectorized,)``.  A term that does not vary along the particle dim (size 1) entered
+    Pyro's sum once for all particles, so each particle gets 1/P of it.
     """
     if not isinstance(t, torch.Tensor):
         t = torch.as_tensor(float(t))
-    if num_vectorized == 1:
-        return t.sum().reshape(1)
+    if dim is None:
+        return t.sum()
     if t.dim() >= -dim and t.shape[dim] == num_vectorized:
         return t.movedim(dim, 0).reshape(num_vectorized, -1).sum(1)
     return (t.sum() / num_vectorized).expand(num_vectorized)
@@ -497,38 +507,47 @@ def _scale_warning(name, model_scale, guide_scale) -> str:
 
 
 def _read(model_trace, guide_trace, num_vectorized, dim, acc):
-    """One pass over a pair of traces: append each site's per-particle terms to ``acc``."""
-    rows, columns = acc["rows"], acc["columns"]
+    """One pass over a pair of traces: record each site's per-particle terms in ``acc``.
+
+    ``acc["keys"]`` gets ``(kind, site, run)`` with kind ``"p"`` (log p), ``"q"`` (log q) or
+    ``"kl"``, and ``acc["tensors"]`` the matching tensors: all become floats in one go later.
+    """
+    rows, keys, tensors, run = acc["rows"], acc["keys"], acc["tensors"], acc["run"]
     guide_sites = guide_trace.nodes
 
-    def column(key, value):
-        columns.setdefault(key, {})[acc["particle"]] = _per_particle(value, num_vectorized, dim)
+    def record(kind, name, site_or_tensor):
+        keys.append((kind, name, run))
+        if dim is None and kind != "kl":
+            tensors.append(site_or_tensor["log_prob_sum"])
+        elif kind == "kl":
+            tensors.append(_per_particle(site_or_tensor, num_vectorized, dim))
+        else:
+            tensors.append(_per_particle(site_or_tensor["log_prob"], num_vectorized, dim))
 
     for name, site in model_trace.nodes.items():
         if site["type"] != "sample":
             continue
-        observed = site["is_observed"]
-        column(("p", name), site["log_prob"])
-        if name not in rows:
-            rows[name] = {"role": "observed" if observed else "latent", "model": site}
-        if observed:
+        record("p", name, site)
+        if site["is_observed"]:
+            if name not in rows:
+                rows[name] = ["observed", site, None]
             continue
         g = guide_sites[name]
-        rows[name]["guide"] = g
-        column(("q", name), g["log_prob"])
+        if name not in rows:
+            rows[name] = ["latent", site, g]
+            if not _same_scale(site["scale"], g["scale"]):
+                warnings.warn(_scale_warning(name, site["scale"], g["scale"]), ScaleMismatchWarning, stacklevel=3)
+        record("q", name, g)
         kl = _kl(g, site)
         if kl is None:
             acc["kl_missing"].add(name)
         else:
-            column(("kl", name), kl)
-        if name not in acc["scale_checked"]:
-            acc["scale_checked"].add(name)
-            if not _same_scale(site["scale"], g["scale"]):
-                warnings.warn(_scale_warning(name, site["scale"], g["scale"]), ScaleMismatchWarning, stacklevel=3)
+            record("kl", name, kl)
     for name, g in guide_sites.items():
         if g["type"] == "sample" and name not in model_trace.nodes:
-            column(("q", name), g["log_prob"])
-            rows.setdefault(name, {"role": "auxiliary", "guide": g})
+            record("q", name, g)
+            if name not in rows:
+                rows[name] = ["auxiliary", None, g]
 
 
 # ----------------------------------------------------------------------------- the function
@@ -570,7 +589,7 @@ def decompose(
     if not callable(model) or not callable(guide):
         raise TypeError("decompose(model, guide, *args): model and guide must be callables (Pyro programs)")
 
-    acc = {"rows": {}, "columns": {}, "kl_missing": set(), "scale_checked": set(), "particle": 0}
+    acc = {"rows": {}, "keys": [], "tensors": [], "kl_missing": set(), "run": 0}
     elbo = 0.0
     with torch.no_grad():
         if vectorize_particles:
@@ -585,11 +604,11 @@ def decompose(
             dim = -mpn if num_particles > 1 else None
             model_trace, guide_trace = _one_trace(m, g, args, kwargs, mpn, why, dim)
             elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / num_particles
-            _read(model_trace, guide_trace, num_particles, -mpn, acc)
+            _read(model_trace, guide_trace, num_particles, dim, acc)
         else:
             mpn = float("inf") if max_plate_nesting is None else max_plate_nesting
             for i in range(num_particles):
-                acc["particle"] = i
+                acc["run"] = i
                 particle = f"particle {i + 1} of {num_particles}"
                 model_trace, guide_trace = _one_trace(model, guide, args, kwargs, mpn, particle)
                 elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / num_particles
@@ -597,20 +616,34 @@ def decompose(
         return _assemble(elbo, acc, num_particles, bool(vectorize_particles))
 
 
+def _floats(tensors: list, vectorized: bool) -> list:
+    """All recorded tensors as Python floats, with one conversion: a list of lists (one per key).
+
+    The tensors are 0-dim (one particle per run) or, ``vectorized``, all of one shape ``(S,)``.
+    """
+    if not tensors:
+        return []
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        tensors = [t.to(torch.float64) for t in tensors]
+    if not vectorized:
+        return [[v] for v in torch.stack(tensors).tolist()]
+    n = tensors[0].numel()
+    flat = torch.cat(tensors).tolist()
+    return [flat[i : i + n] for i in range(0, len(flat), n)]
+
+
 def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
-    """Turn the per-site per-particle columns into floats (one conversion) and the result."""
-    rows, columns, has_kl = acc["rows"], acc["columns"], not acc["kl_missing"]
-    keys = [k for k in columns if k[0] != "kl" or k[1] not in acc["kl_missing"]]
-    runs = 1 if vectorized else num_particles  # how many traces there were
-    full = []
-    for k in keys:
-        parts = columns[k]
-        if len(parts) < runs:  # dynamic structure: a site absent from a particle contributes 0 there
-            zero = torch.zeros(1, dtype=torch.float64)
-            parts = {i: parts.get(i, zero) for i in range(runs)}
-        full.append(torch.cat([parts[i].to(torch.float64) for i in range(runs)]))
-    values = torch.stack(full).tolist() if full else []
-    table = dict(zip(keys, values, strict=True))
+    """Per-site, per-particle floats -> the totals, their standard errors, the site rows."""
+    rows, kl_missing = acc["rows"], acc["kl_missing"]
+    runs = 1 if vectorized else num_particles
+    per_run = num_particles if vectorized else 1  # values per run of the pair of programs
+    table = {}
+    for (kind, name, run), vals in zip(acc["keys"], _floats(acc["tensors"], per_run > 1), strict=True):
+        if kind == "kl" and name in kl_missing:
+            continue
+        # a site absent from some particles (dynamic structure) contributes 0 there
+        table.setdefault((kind, name), [0.0] * (runs * per_run))[run * per_run : (run + 1) * per_run] = vals
 
     bad = [
         f"{where} site {name!r} is {v} (particle {i + 1})"
@@ -626,19 +659,16 @@ def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
             "check the site's parameters (NaN?) and that its value lies in the distribution's support."
         )
 
-    zeros = [0.0] * num_particles
-
-    def total(kind, role):
-        out = zeros
+    def total(kind, roles):
+        out = [0.0] * num_particles
         for name, row in rows.items():
-            if row["role"] in role and (kind, name) in table:
-                out = [a + b for a, b in zip(out, table[(kind, name)], strict=True)]
+            vals = table.get((kind, name))
+            if row[0] in roles and vals is not None:
+                out = [a + b for a, b in zip(out, vals, strict=True)]
         return out
 
-    recon = total("p", ("observed",))
-    prior = total("p", ("latent",))
-    log_q = total("q", ("latent", "auxiliary"))
-    aux_q = total("q", ("auxiliary",))
+    recon, prior = total("p", ("observed",)), total("p", ("latent",))
+    log_q, aux_q = total("q", ("latent", "auxiliary")), total("q", ("auxiliary",))
     per = {
         "elbo": [r + p - q for r, p, q in zip(recon, prior, log_q, strict=True)],
         "reconstruction": recon,
@@ -648,7 +678,7 @@ def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
         "kl_analytic": None,
         "elbo_mean_field": None,
     }
-    if has_kl:
+    if not kl_missing:
         kl = total("kl", ("latent",))
         per["kl_analytic"] = kl
         per["elbo_mean_field"] = [r - k - a for r, k, a in zip(recon, kl, aux_q, strict=True)]
@@ -662,28 +692,18 @@ def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
         mu = mean(v)
         return math.sqrt(math.fsum((x - mu) ** 2 for x in v) / (num_particles - 1) / num_particles)
 
-    sites = []
-    for name, row in rows.items():
-        msite, gsite = row.get("model"), row.get("guide")
-        site = msite if msite is not None else gsite
-        fn = site["fn"]
-        sites.append(
-            SiteTerm(
-                name=name,
-                role=row["role"],
-                distribution=_describe(fn),
-                batch_shape=tuple(fn.batch_shape),
-                event_shape=tuple(fn.event_shape),
-                scale=None if msite is None else _scale_value(msite["scale"]),
-                guide_scale=None if gsite is None else _scale_value(gsite["scale"]),
-                masked=any(_is_masked(s) for s in (msite, gsite) if s is not None),
-                log_p=mean(table.get(("p", name))),
-                log_q=mean(table.get(("q", name))),
-                kl_analytic=mean(table.get(("kl", name))),
-                reparameterized=None if gsite is None else bool(gsite["fn"].has_rsample),
-                estimator=None if gsite is None else _estimator(gsite),
-            )
+    site_rows = tuple(
+        (
+            name,
+            role,
+            msite,
+            gsite,
+            mean(table.get(("p", name))),
+            mean(table.get(("q", name))),
+            mean(table.get(("kl", name))),
         )
+        for name, (role, msite, gsite) in rows.items()
+    )
     return Decomposition(
         elbo=elbo,
         reconstruction=mean(per["reconstruction"]),
@@ -696,5 +716,145 @@ def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
         vectorize_particles=vectorized,
         per_particle=per,
         stderr={t: stderr(per[t]) for t in TERMS},
-        sites=SiteTable(sites),
+        _site_rows=site_rows,
     )
+
+
+def _site_term(name, role, msite, gsite, log_p, log_q, kl) -> SiteTerm:
+    """A row of the site table, from the recorded sites (their distributions' types and shapes)."""
+    fn = (msite if msite is not None else gsite)["fn"]
+    return SiteTerm(
+        name=name,
+        role=role,
+        distribution=_describe(fn),
+        batch_shape=tuple(fn.batch_shape),
+        event_shape=tuple(fn.event_shape),
+        scale=None if msite is None else _scale_value(msite["scale"]),
+        guide_scale=None if gsite is None else _scale_value(gsite["scale"]),
+        masked=any(_is_masked(s) for s in (msite, gsite) if s is not None),
+        log_p=log_p,
+        log_q=log_q,
+        kl_analytic=kl,
+        reparameterized=None if gsite is None else bool(gsite["fn"].has_rsample),
+        estimator=None if gsite is None else _estimator(gsite),
+    )
+
+
+# ------------------------------------------------------------------ the chapter's example
+#: the example VAE: latent dimension, hidden units, minibatch size, the seed of its weights
+EXAMPLE_LATENT, EXAMPLE_HIDDEN, EXAMPLE_BATCH, EXAMPLE_SEED = 2, 32, 64, 0
+
+
+def example_data() -> torch.Tensor:
+    """scikit-learn's bundled 8x8 digits, binarized (a pixel is 1 when its ink is above 7 of 16)."""
+    from sklearn.datasets import load_digits
+
+    return torch.as_tensor(load_digits().data > 7, dtype=torch.get_default_dtype())
+
+
+def example_vae(batch_size=EXAMPLE_BATCH, latent=EXAMPLE_LATENT, hidden=EXAMPLE_HIDDEN, seed=EXAMPLE_SEED):
+    """A small VAE on the digits: ``(model, guide)``, with encoder and decoder weights drawn from ``seed``.
+
+    ``z_n ~ N(0, I)``, ``x_n | z_n ~ Bernoulli(logits = decoder(z_n))`` over the 64 pixels, and
+    ``q(z_n | x_n) = N(m_n, diag(s_n^2))`` with ``(m_n, s_n)`` from the encoder; the data plate
+    is subsampled to ``batch_size`` digits, so Pyro scales every site in it by ``N / B``.
+    """
+    with seeded(seed):
+        encoder = torch.nn.Sequential(
+            torch.nn.Linear(64, hidden), torch.nn.Softplus(), torch.nn.Linear(hidden, 2 * latent)
+        )
+        decoder = torch.nn.Sequential(torch.nn.Linear(latent, hidden), torch.nn.Softplus(), torch.nn.Linear(hidden, 64))
+    encoder.to(torch.get_default_dtype())
+    decoder.to(torch.get_default_dtype())
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros(latent), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x[idx])
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
+            loc, raw_scale = encoder(x[idx]).chunk(2, dim=-1)
+            pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw_scale)).to_event(1))
+
+    return model, guide
+
+
+# ------------------------------------------------------------------------------ identities
+#: the particle setting and seed of the same-draw checks
+CHECK_PARTICLES, CHECK_VECTORIZE, CHECK_SEED = 4, True, 11
+
+
+def _same_draws(estimator):
+    """Pyro's loss and decompose's terms on one seed, on the example VAE (float64, own param store)."""
+    from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+
+    elbo_class = {"trace": Trace_ELBO, "mean-field": TraceMeanField_ELBO}[estimator]
+    with float64(), pyro.get_param_store().scope():
+        x = example_data()
+        model, guide = example_vae()
+        options = dict(num_particles=CHECK_PARTICLES, vectorize_particles=CHECK_VECTORIZE)
+        with seeded(CHECK_SEED):
+            loss = elbo_class(**options).loss(model, guide, x)
+        with seeded(CHECK_SEED):
+            terms = decompose(model, guide, x, **options)
+    return loss, terms
+
+
+def num_matches_trace_elbo(variant=None):
+    """-Trace_ELBO(...).loss against reconstruction - kl_mc of decompose, on the same draws."""
+    loss, t = _same_draws("trace")
+    if variant == "flipped-kl-sign":
+        rhs = t.reconstruction + t.kl_mc
+    elif variant == "missing-log-q":
+        rhs = t.reconstruction + t.log_prior
+    else:
+        rhs = t.reconstruction - t.kl_mc
+    return exact(-loss, rhs)
+
+
+register(
+    Identity(
+        id="decompose-matches-trace-elbo",
+        chapter=CHAPTER,
+        label="decompose-matches-trace-elbo",
+        statement=r"-\texttt{Trace\_ELBO(num\_particles=}S\texttt{).loss} = "
+        r"\underbrace{\tfrac1S\textstyle\sum_{s} \log p(x \mid z^{(s)})}_{\texttt{reconstruction}}"
+        r" - \underbrace{\tfrac1S\textstyle\sum_{s} \big[\log q_\lambda(z^{(s)}) - \log p(z^{(s)})\big]}"
+        r"_{\texttt{kl\_mc}}",
+        numeric=num_matches_trace_elbo,
+        wrong=("flipped-kl-sign", "missing-log-q"),
+        summary="decompose splits Trace_ELBO's loss, on Pyro's own draws, into reconstruction minus a sampled KL",
+    )
+)
+
+
+def num_matches_mean_field(variant=None):
+    """-TraceMeanField_ELBO(...).loss against reconstruction - kl_analytic, on the same draws."""
+    loss, t = _same_draws("mean-field")
+    if variant == "sampled-kl":
+        rhs = t.reconstruction - t.kl_mc
+    elif variant == "flipped-kl-sign":
+        rhs = t.reconstruction + t.kl_analytic
+    else:
+        rhs = t.reconstruction - t.kl_analytic
+    return exact(-loss, rhs)
+
+
+register(
+    Identity(
+        id="decompose-matches-mean-field",
+        chapter=CHAPTER,
+        label="decompose-matches-mean-field",
+        statement=r"-\texttt{TraceMeanField\_ELBO(num\_particles=}S\texttt{).loss} = "
+        r"\underbrace{\tfrac1S\textstyle\sum_{s} \log p(x \mid z^{(s)})}_{\texttt{reconstruction}}"
+        r" - \underbrace{\tfrac1S\textstyle\sum_{s} \sum_{j} \mathrm{KL}\big(q_\lambda(z_j)\,\|\,p(z_j)\big)}"
+        r"_{\texttt{kl\_analytic}}",
+        numeric=num_matches_mean_field,
+        wrong=("sampled-kl", "flipped-kl-sign"),
+        summary="with a closed-form KL at every latent site, decompose's reconstruction - kl_analytic is "
+        "TraceMeanField_ELBO's loss",
+    )
+)
