@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
-EQUATION = re.compile(r"^\$\$\n.*?^\$\$ \([a-z0-9-]+\)\n", re.S | re.M)
+EQUATION = re.compile(r"^\$\$\n(?:(?!^\$\$).)*?^\$\$ \([a-z0-9-]+\)\n", re.S | re.M)
 
 
 def chapters() -> list[str]:
