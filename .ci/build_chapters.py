@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
+TOCTREE = re.compile(r"^```\{toctree\}\n.*?^```\n", re.S | re.M)
 EQUATION = re.compile(r"^\$\$\n(?:(?!^\$\$).)*?^\$\$ \([a-z0-9-]+\)\n", re.S | re.M)
 
 
@@ -47,11 +48,13 @@ def main() -> int:
     shutil.rmtree(out / "doctrees", ignore_errors=True)
     src.mkdir(parents=True)
     shutil.copytree(BOOK / "_static", src / "_static")
-    stubbed = set(chapters()) - set(a.docs)
+    # pages that cite every chapter (the answer page, the cheat sheet) are reduced to their
+    # title and table of contents unless asked for
+    stubbed = (set(chapters()) | {"index", "cheatsheet"}) - set(a.docs)
     for page in BOOK.iterdir():
         if page.is_file() and page.stem in stubbed and page.suffix == ".md":
             page_out = src / page.name
-            page_out.write_text(stub(page.stem))
+            page_out.write_text(stub(page.stem) + "\n" + "\n".join(TOCTREE.findall(page.read_text())))
         elif page.is_file():
             shutil.copy(page, src / page.name)
     env = dict(os.environ, ELBO_TERMS_BUILD_DIR=str(out))
