@@ -1,3 +1,469 @@
-"""Chapter ``reconstruction-and-kl``: the p(x|z)p(z) split, AEVB estimators A and B, the Gaussian KL. (Being written.)"""
+r"""Chapter ``reconstruction-and-kl``: the p(x|z)p(z) split, AEVB estimators A and B, the Gaussian KL.
+
+Since ``log p(x, z) = log p(x | z) + log p(z)``, the ELBO of BBVI eq. (1) regroups as
+
+    L = E_q[log p(x | z)] - KL(q(z) || p(z))                           (AEVB eq. (3))
+
+Pyro has two estimators of the same L, on the same draws z^(s) ~ q:
+
+* ``Trace_ELBO``: (1/S) sum_s [log p(x | z^(s)) + log p(z^(s)) - log q(z^(s))]
+  -- AEVB's estimator A (eq. 7); the KL is never computed, only sampled;
+* ``TraceMeanField_ELBO``: (1/S) sum_s log p(x | z^(s)) - KL(q || p), the KL in closed
+  form where torch has one -- AEVB's estimator B (eq. 8).
+
+The running example is the chapter-1 model (:mod:`elbo_terms.conjugate`), whose prior is
+N(0, 1) and whose guide is N(m, s^2). AEVB writes mu, sigma for the guide's m, s; the book
+keeps sigma for the observation noise.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import sympy as sp
+import torch
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import Normal, kl_divergence
+
+from . import conjugate as C
+from ._util import float64, seeded, t64
+from .identity import Identity, Numeric, exact, monte_carlo, register
+from .trace_source import SourceLine, count_found, traces
 
 CHAPTER = "reconstruction-and-kl"
+
+# ------------------------------------------------------------------- SymPy side
+z, m, s, mu0, s0 = C.z, C.m, C.s, C.mu0, C.s0
+
+
+@cache
+def kl_by_integration(m_=m, s_=s, mu_=mu0, sd_=s0):
+    r"""KL(N(m_, s_^2) || N(mu_, sd_^2)) = \int q(z) (log q(z) - log p(z)) dz, integrated by SymPy."""
+    log_q, log_p = C.log_normal(z, m_, s_), C.log_normal(z, mu_, sd_)
+    integrand = sp.expand((log_q - log_p) * sp.exp(log_q))
+    return sp.simplify(sp.integrate(integrand, (z, -sp.oo, sp.oo), conds="none"))
+
+
+def gaussian_kl_closed_form(variant=None):
+    """log(s0/s) + (s^2 + (m - mu0)^2) / (2 s0^2) - 1/2.
+
+    Variant ``swapped-arguments``: the same formula for KL(p || q), the arguments swapped.
+    """
+    if variant == "swapped-arguments":
+        return sp.log(s / s0) + (s0**2 + (mu0 - m) ** 2) / (2 * s**2) - sp.Rational(1, 2)
+    return sp.log(s0 / s) + (s**2 + (m - mu0) ** 2) / (2 * s0**2) - sp.Rational(1, 2)
+
+
+def standard_kl_closed_form(variant=None):
+    """1/2 (m^2 + s^2 - 1 - log s^2), AEVB App. B (variant ``log-s-not-squared``: log s)."""
+    log_term = sp.log(s) if variant == "log-s-not-squared" else sp.log(s**2)
+    return (m**2 + s**2 - 1 - log_term) / 2
+
+
+@cache
+def expected_log_likelihood_by_integration():
+    r"""E_q[log p(x | z)] = \int q(z) sum_i log N(x_i; z, sigma^2) dz, integrated by SymPy."""
+    log_q = C.log_normal(z, m, s)
+    integrand = sp.expand(C.log_likelihood_symbolic() * sp.exp(log_q))
+    return sp.integrate(integrand, (z, -sp.oo, sp.oo), conds="none")
+
+
+@cache
+def expected_log_prior_by_integration():
+    r"""E_q[log p(z)], integrated by SymPy."""
+    log_q = C.log_normal(z, m, s)
+    return sp.integrate(sp.expand(C.log_normal(z, mu0, s0) * sp.exp(log_q)), (z, -sp.oo, sp.oo), conds="none")
+
+
+# ---------------------------------------------------------------- the setting
+#: (m, s) pairs at which the standard-normal KL formula is compared with torch
+STANDARD_POINTS = ((0.0, 1.0), (0.3, 0.4), (-1.2, 0.05), (2.5, 3.0), (0.7, 1.6))
+#: (m, s, mu0, s0) at which the general formula is compared with torch
+GENERAL_POINTS = ((0.3, 0.4, 0.0, 1.0), (0.3, 0.4, 1.0, 0.5), (-2.0, 1.5, 0.5, 0.2), (1.0, 1.0, 1.0, 1.0))
+#: particles of the same-draw checks of estimators A and B
+PARTICLES = 8
+#: independent draws in the Monte Carlo checks
+MC_DRAWS = 40_000
+
+
+def prior():
+    """The model's prior p(z) = N(mu0, s0^2) of the chapter-1 model."""
+    return Normal(t64(C.PRIOR_MEAN), t64(C.PRIOR_SD))
+
+
+def guide_dist(mean=C.GUIDE_MEAN, sd=C.GUIDE_SD):
+    """The guide q(z) = N(m, s^2) of the chapter-1 model."""
+    return Normal(t64(mean), t64(sd))
+
+
+def expanded(expr):
+    """An expression with its logarithms split and its products expanded, for display."""
+    return sp.expand(sp.expand_log(expr, force=True))
+
+
+def _at(expr, values):
+    return float(sp.N(expr.subs(values), 30))
+
+
+# --------------------------------------------------------- per-particle terms from traces
+def particle_terms(model_fn, guide_fn, *args, particles=1, vectorize=False, seed=0) -> dict:
+    """The three terms of each particle, read from the same traces ``Trace_ELBO`` makes.
+
+    Returns float64 tensors of shape ``(particles,)``:
+
+    * ``reconstruction``: sum of the model's observed sites, log p(x | z^(s));
+    * ``log_prior``: sum of the model's latent sites, log p(z^(s));
+    * ``log_q``: sum of the guide's sites, log q(z^(s));
+    * ``kl_mc`` = ``log_q - log_prior``, the one-draw Monte Carlo KL.
+
+    With ``vectorize`` every site carries the particles in its leading dimension.
+    """
+    terms = {"reconstruction": [], "log_prior": [], "log_q": []}
+    for model_trace, guide_trace in traces(
+        model_fn, guide_fn, *args, particles=particles, vectorize=vectorize, seed=seed
+    ):
+        model_trace.compute_log_prob()
+        guide_trace.compute_log_prob()
+        n = particles if vectorize else 1
+        acc = {k: torch.zeros(n, dtype=torch.float64) for k in terms}
+        for tr, which in ((model_trace, "model"), (guide_trace, "guide")):
+            for site in tr.nodes.values():
+                if site["type"] != "sample":
+                    continue
+                lp = site["log_prob"].detach()
+                lp = lp.reshape(n, -1).sum(-1) if vectorize else lp.sum().reshape(1)
+                key = "log_q" if which == "guide" else ("reconstruction" if site["is_observed"] else "log_prior")
+                acc[key] = acc[key] + lp
+        for k in terms:
+            terms[k].append(acc[k])
+    out = {k: torch.cat(v) for k, v in terms.items()}
+    out["kl_mc"] = out["log_q"] - out["log_prior"]
+    return out
+
+
+def analytic_kl(mean=C.GUIDE_MEAN, sd=C.GUIDE_SD) -> float:
+    """torch's closed-form KL(q || p) of the chapter-1 guide and prior."""
+    return float(kl_divergence(guide_dist(mean, sd), prior()))
+
+
+def elbo_losses(particles, repeats, seed=0, mean=C.GUIDE_MEAN, sd=C.GUIDE_SD):
+    """``repeats`` independent values of -Trace_ELBO.loss and -TraceMeanField_ELBO.loss with S = ``particles``."""
+    with float64():
+        x, guide = C.data(), C.make_guide(mean, sd)
+        out = {}
+        for name, cls in (("A", Trace_ELBO), ("B", TraceMeanField_ELBO)):
+            elbo = cls(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
+            with seeded(seed):
+                out[name] = t64([-elbo.loss(C.model, guide, x) for _ in range(repeats)])
+        return out
+
+
+# ------------------------------------------------------------------ identities
+def sym_split(variant=None):
+    """The ELBO integrated in one piece, minus [E_q log p(x|z) - KL(q || p(z))] integrated in pieces.
+
+    Variant ``log-prior-as-kl``: E_q log p(x|z) + E_q log p(z), i.e. the prior's term read as
+    the KL term, with the guide's -log q forgotten.
+    """
+    recon = expected_log_likelihood_by_integration()
+    if variant == "log-prior-as-kl":
+        rhs = recon + expected_log_prior_by_integration()
+    else:
+        rhs = recon - kl_by_integration()
+    return C.elbo_by_integration() - rhs
+
+
+def num_split(variant=None) -> Numeric:
+    """Monte Carlo: draws of log p(x | z^(s)) - KL_torch(q || p) average to the closed-form ELBO.
+
+    Variant ``log-prior-as-kl``: draws of log p(x | z^(s)) + log p(z^(s)).
+    """
+    with float64():
+        x = C.data()
+        t = particle_terms(C.model, C.make_guide(), x, particles=MC_DRAWS, vectorize=True, seed=31)
+        if variant == "log-prior-as-kl":
+            samples = t["reconstruction"] + t["log_prior"]
+        else:
+            samples = t["reconstruction"] - analytic_kl()
+        return monte_carlo(samples, C.elbo_value())
+
+
+register(
+    Identity(
+        id="elbo-reconstruction-kl",
+        chapter=CHAPTER,
+        label="elbo-reconstruction-kl",
+        statement=r"\mathcal L(\lambda) = \mathbb E_{q_\lambda(z)}\big[\log p(x \mid z)\big]"
+        r" - \mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big)",
+        symbolic=sym_split,
+        numeric=num_split,
+        wrong=("log-prior-as-kl",),
+        summary="the ELBO is the expected reconstruction minus the KL from the guide to the prior (AEVB eq. 3)",
+    )
+)
+
+
+def sym_general_kl(variant=None):
+    return kl_by_integration() - gaussian_kl_closed_form(variant)
+
+
+def num_general_kl(variant=None) -> Numeric:
+    """torch's kl_divergence between two Normals against the formula, at several points."""
+    with float64():
+        torch_kl, formula = [], []
+        for mv, sv, m0, sd0 in GENERAL_POINTS:
+            torch_kl.append(float(kl_divergence(Normal(t64(mv), t64(sv)), Normal(t64(m0), t64(sd0)))))
+            formula.append(_at(gaussian_kl_closed_form(variant), {m: mv, s: sv, mu0: m0, s0: sd0}))
+        return exact(t64(torch_kl), t64(formula))
+
+
+register(
+    Identity(
+        id="gaussian-kl-general",
+        chapter=CHAPTER,
+        label="gaussian-kl-general",
+        statement=r"\mathrm{KL}\big(\mathcal N(m, s^2)\,\|\,\mathcal N(\mu_0, s_0^2)\big)"
+        r" = \log\frac{s_0}{s} + \frac{s^2 + (m - \mu_0)^2}{2 s_0^2} - \frac12",
+        symbolic=sym_general_kl,
+        numeric=num_general_kl,
+        wrong=("swapped-arguments",),
+        summary="the KL between two univariate Normals, by integration; torch's kl_divergence agrees",
+    )
+)
+
+
+def sym_standard_kl(variant=None):
+    return kl_by_integration(m, s, 0, 1) - standard_kl_closed_form(variant)
+
+
+def num_standard_kl(variant=None) -> Numeric:
+    """torch's KL(N(m, s^2) || N(0, 1)) against 1/2 (m^2 + s^2 - 1 - log s^2), at several points."""
+    with float64():
+        means, sds = t64([p[0] for p in STANDARD_POINTS]), t64([p[1] for p in STANDARD_POINTS])
+        torch_kl = kl_divergence(Normal(means, sds), Normal(torch.zeros_like(means), torch.ones_like(sds)))
+        formula = [_at(standard_kl_closed_form(variant), {m: mv, s: sv}) for mv, sv in STANDARD_POINTS]
+        return exact(torch_kl, t64(formula))
+
+
+register(
+    Identity(
+        id="gaussian-kl-closed-form",
+        chapter=CHAPTER,
+        label="gaussian-kl-closed-form",
+        statement=r"\mathrm{KL}\big(\mathcal N(m, s^2)\,\|\,\mathcal N(0, 1)\big)"
+        r" = \tfrac12\big(m^2 + s^2 - 1 - \log s^2\big)",
+        symbolic=sym_standard_kl,
+        numeric=num_standard_kl,
+        wrong=("log-s-not-squared",),
+        summary="AEVB App. B: the Gaussian KL to a standard Normal prior, the 'KL term' of VAE code",
+    )
+)
+
+
+def kl_mc_samples(variant=None, draws=MC_DRAWS, seed=41):
+    """Per-draw log q(z) - log p(z) from the chapter-1 traces (variant ``log-prior-alone``: -log p(z))."""
+    with float64():
+        t = particle_terms(C.model, C.make_guide(), C.data(), particles=draws, vectorize=True, seed=seed)
+        return -t["log_prior"] if variant == "log-prior-alone" else t["kl_mc"]
+
+
+def num_kl_expectation(variant=None) -> Numeric:
+    """The mean of the per-draw Monte Carlo KL against torch's closed form, within 5 standard errors."""
+    return monte_carlo(kl_mc_samples(variant), analytic_kl())
+
+
+register(
+    Identity(
+        id="kl-as-expectation",
+        chapter=CHAPTER,
+        label="kl-as-expectation",
+        statement=r"\mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big)"
+        r" = \mathbb E_{q_\lambda(z)}\big[\log q_\lambda(z) - \log p(z)\big]",
+        numeric=num_kl_expectation,
+        wrong=("log-prior-alone",),
+        summary="the guide's log q and the prior's log p make the KL only together and only on average",
+    )
+)
+
+
+def estimators_same_draw(seed=51, particles=PARTICLES):
+    """-loss of both ELBO classes and the terms of the same draws, on one seeded stream each."""
+    with float64():
+        x, guide = C.data(), C.make_guide()
+        losses = {}
+        for name, cls in (("A", Trace_ELBO), ("B", TraceMeanField_ELBO)):
+            elbo = cls(num_particles=particles, vectorize_particles=False, max_plate_nesting=1)
+            with seeded(seed):
+                losses[name] = elbo.loss(C.model, guide, x)
+        t = particle_terms(C.model, guide, x, particles=particles, vectorize=False, seed=seed)
+        return losses, t
+
+
+def num_estimator_a(variant=None) -> Numeric:
+    """-Trace_ELBO(S).loss against mean(reconstruction) - mean(kl_mc) on the same draws.
+
+    Variant ``closed-form-kl``: the closed-form KL in place of the sampled one -- what
+    Trace_ELBO does *not* do.
+    """
+    losses, t = estimators_same_draw()
+    kl = analytic_kl() if variant == "closed-form-kl" else float(t["kl_mc"].mean())
+    return exact(-losses["A"], float(t["reconstruction"].mean()) - kl)
+
+
+register(
+    Identity(
+        id="trace-elbo-estimator-a",
+        chapter=CHAPTER,
+        label="trace-elbo-estimator-a",
+        statement=r"-\texttt{Trace\_ELBO(num\_particles=S).loss} = \frac1S\sum_{s=1}^S \log p(x \mid z^{(s)})"
+        r" - \frac1S\sum_{s=1}^S \big[\log q_\lambda(z^{(s)}) - \log p(z^{(s)})\big] = \widetilde{\mathcal L}^A",
+        numeric=num_estimator_a,
+        wrong=("closed-form-kl",),
+        summary="Trace_ELBO is AEVB's estimator A: its 'KL' is sampled, draw by draw, never computed in closed form",
+    )
+)
+
+
+def num_estimator_b(variant=None) -> Numeric:
+    """-TraceMeanField_ELBO(S).loss against mean(reconstruction) - KL_torch(q || p) on the same draws.
+
+    Variant ``sampled-kl``: the sampled KL in place of the closed form.
+    """
+    losses, t = estimators_same_draw()
+    kl = float(t["kl_mc"].mean()) if variant == "sampled-kl" else analytic_kl()
+    return exact(-losses["B"], float(t["reconstruction"].mean()) - kl)
+
+
+register(
+    Identity(
+        id="trace-mean-field-estimator-b",
+        chapter=CHAPTER,
+        label="trace-mean-field-estimator-b",
+        statement=r"-\texttt{TraceMeanField\_ELBO(num\_particles=S).loss} = \frac1S\sum_{s=1}^S \log p(x \mid z^{(s)})"
+        r" - \mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big) = \widetilde{\mathcal L}^B",
+        numeric=num_estimator_b,
+        wrong=("sampled-kl",),
+        summary="TraceMeanField_ELBO is AEVB's estimator B: the reconstruction sampled, the KL in closed form",
+    )
+)
+
+
+# ------------------------------------------------------ the TraceMeanField_ELBO source lines
+TMF = "pyro.infer.trace_mean_field_elbo.TraceMeanField_ELBO"
+#: the lines of TraceMeanField_ELBO this chapter's text relies on
+RELIED_ON: tuple[SourceLine, ...] = (
+    SourceLine(
+        f"{TMF}.loss",
+        "loss_particle, _ = self._differentiable_loss_particle(",
+        "each particle's value comes from `_differentiable_loss_particle` ...",
+    ),
+    SourceLine(
+        f"{TMF}.loss",
+        "loss = loss + loss_particle / self.num_particles",
+        r"... averaged over the $S$ particles, as in `Trace_ELBO`",
+    ),
+    SourceLine(
+        f"{TMF}._differentiable_loss_particle", 'if model_site["is_observed"]:', "observed sites of the model ..."
+    ),
+    SourceLine(
+        f"{TMF}._differentiable_loss_particle",
+        'elbo_particle = elbo_particle + model_site["log_prob_sum"]',
+        r"... add $\log p(x \mid z^{(s)})$ at the sampled $z^{(s)}$: the reconstruction",
+    ),
+    SourceLine(
+        f"{TMF}._differentiable_loss_particle",
+        'kl_qp = kl_divergence(guide_site["fn"], model_site["fn"])',
+        r"a latent site: torch's closed-form $\mathrm{KL}(q \,\Vert\, p)$ of the two distributions,"
+        " not the sampled values",
+    ),
+    SourceLine(
+        f"{TMF}._differentiable_loss_particle",
+        "elbo_particle = elbo_particle - kl_qp_sum",
+        r"is subtracted: $-\mathrm{KL}$",
+    ),
+    SourceLine(
+        f"{TMF}._differentiable_loss_particle",
+        "except NotImplementedError:",
+        "where torch registers no KL for the pair ...",
+    ),
+    SourceLine(
+        f"{TMF}._differentiable_loss_particle",
+        '+ model_site["log_prob_sum"]',
+        r"... it falls back to the sampled $\log p(z^{(s)})$ ...",
+    ),
+    SourceLine(
+        f"{TMF}._differentiable_loss_particle",
+        "- entropy_term.sum()",
+        r"... minus the guide's $\log q(z^{(s)})$ (its `entropy_term`): estimator A for that site",
+    ),
+)
+ABSENT_LINE = SourceLine(
+    "pyro.infer.trace_elbo.Trace_ELBO._differentiable_loss_particle",
+    'kl_qp = kl_divergence(guide_site["fn"], model_site["fn"])',
+    "a closed-form KL in Trace_ELBO: it has none",
+)
+
+
+def num_mean_field_source(variant=None) -> Numeric:
+    """How many relied-on lines of TraceMeanField_ELBO are in the installed source.
+
+    Variant ``kl-in-trace-elbo`` also looks for the KL line in Trace_ELBO, where it is not.
+    """
+    return count_found(RELIED_ON + ((ABSENT_LINE,) if variant == "kl-in-trace-elbo" else ()))
+
+
+register(
+    Identity(
+        id="trace-mean-field-source-drift",
+        chapter=CHAPTER,
+        label=None,
+        statement=r"\#\{\text{lines of TraceMeanField\_ELBO quoted by the text found in the installed Pyro}\}"
+        r" = \#\{\text{lines quoted}\}",
+        numeric=num_mean_field_source,
+        wrong=("kl-in-trace-elbo",),
+        summary="every line of TraceMeanField_ELBO this chapter relies on is in the installed source",
+    )
+)
+
+
+#: numbers of particles, repeats and guides (mean, sd) of the chapter's plot of the two estimators
+SPREAD_PARTICLES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+SPREAD_REPEATS = 200
+GUIDES = {"chapter-1 guide": (C.GUIDE_MEAN, C.GUIDE_SD), "narrow guide": (0.6, 0.1)}
+
+
+def spread_by_particles(mean, sd, particles=SPREAD_PARTICLES, repeats=SPREAD_REPEATS, seed=61) -> dict:
+    """For each S: the standard deviation over ``repeats`` runs of both estimators.
+
+    "A" is -Trace_ELBO(num_particles=S).loss, "B" is -TraceMeanField_ELBO(num_particles=S).loss.
+    """
+    out = {"S": list(particles), "A": [], "B": [], "mean A": [], "mean B": []}
+    for i, S in enumerate(particles):
+        draws = elbo_losses(S, repeats, seed=seed + i, mean=mean, sd=sd)
+        for k in ("A", "B"):
+            out[k].append(float(draws[k].std(unbiased=True)))
+            out["mean " + k].append(float(draws[k].mean()))
+    return out
+
+
+def standard_error(x: torch.Tensor) -> float:
+    """Standard error of the mean of a 1-D sample."""
+    return float(x.std(unbiased=True)) / len(x) ** 0.5
+
+
+__all__ = [
+    "CHAPTER",
+    "kl_by_integration",
+    "gaussian_kl_closed_form",
+    "standard_kl_closed_form",
+    "expected_log_likelihood_by_integration",
+    "expected_log_prior_by_integration",
+    "particle_terms",
+    "analytic_kl",
+    "expanded",
+    "elbo_losses",
+    "kl_mc_samples",
+    "estimators_same_draw",
+    "standard_error",
+    "spread_by_particles",
+]
