@@ -63,6 +63,7 @@ nb_execution_timeout = 900
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_merge_streams = True
+nb_render_markdown_format = "myst"  # Markdown outputs (tables) rendered as MyST
 # the ledger record each check glues is for the ledger, not for the page
 nb_mime_priority_overrides = [("*", "application/json", None)]
 
@@ -89,13 +90,17 @@ copybutton_prompt_is_regexp = True
 # django-static-mathjax wheel (pinned in requirements.txt); no page loads anything from outside.
 MATHJAX_ES5 = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
 mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static/
+# textmacros: \_ and friends inside \text{}/\texttt{} (MathJax 3 shows them literally without it)
+mathjax3_config = {"loader": {"load": ["[tex]/textmacros"]}, "tex": {"packages": {"[+]": ["textmacros"]}}}
+# the theme's colour mode when the reader has not chosen one (unset, its script logs a console error)
+html_context = {"default_mode": "auto"}
 
 
 def _copy_mathjax(app, exception):
     """Copy the bundle the pages load and the components it loads on demand (fonts, TeX extensions, menu)."""
 
-    def other_bundle(rel: str) -> bool:
-        return "/" not in rel and rel.endswith(".js") and rel != Path(mathjax_path).name
+    def other_bundle(rel: str) -> bool:  # tex-svg.js, mml-chtml.js, ...: bundles the pages do not load
+        return Path(rel).parent == Path(".") and rel.endswith(".js") and Path(rel).name != Path(mathjax_path).name
 
     if exception is None and app.builder.format == "html":
         copy_asset(MATHJAX_ES5, Path(app.outdir, "_static", "mathjax"), excluded=other_bundle)

@@ -60,6 +60,8 @@ class Result:
                 f"{n.kind}: lhs={_fmt(n.lhs)} rhs={_fmt(n.rhs)} "
                 f"|error|={n.abs_error:.3g} {rel} tolerance={n.tolerance:.3g}"
             )
+            if n.detail.get("missing"):
+                parts.append(f"missing: {n.detail['missing']}")
         parts.append("PASSED" if self.passed else "FAILED")
         return "; ".join(parts)
 
