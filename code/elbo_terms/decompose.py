@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+import sympy as sp
 import torch
 from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.util import is_validation_enabled
@@ -51,7 +52,7 @@ from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 
 from ._util import float64, seeded
-from .identity import Identity, exact, register
+from .identity import Identity, exact, monte_carlo, register
 
 __all__ = ["decompose", "Decomposition", "SiteTerm", "SiteTable", "DecomposeError", "ScaleMismatchWarning"]
 
@@ -78,10 +79,11 @@ class SiteTerm:
     """One sample site: what it contributes to the ELBO (averaged over the particles).
 
     ``role`` is ``"observed"`` (a term of the reconstruction, including ``pyro.factor``),
-    ``"latent"`` (in the model and the guide) or ``"auxiliary"`` (guide only, marked
-    ``is_auxiliary``).  ``log_p`` is the scaled and masked log-density the model gives the
-    site, ``log_q`` the guide's; ``kl_analytic`` the closed-form ``KL(q || p)`` scaled by the
-    guide's scale (as ``TraceMeanField_ELBO`` scales it), or None when torch has none.
+    ``"latent"`` (in the model and the guide), ``"auxiliary"`` (guide only, marked
+    ``is_auxiliary``) or ``"deterministic"`` (a ``pyro.deterministic`` record, log-density 0).
+    ``log_p`` is the scaled and masked log-density the model gives the site, ``log_q`` the
+    guide's; ``kl_analytic`` the closed-form ``KL(q || p)`` scaled by the guide's scale (as
+    ``TraceMeanField_ELBO`` scales it), or None when torch has none.
     ``estimator`` is the gradient estimator Pyro uses for the guide site: ``"pathwise"``
     (reparameterized), ``"score function"`` or ``"partly reparameterized"``.
     """
@@ -106,42 +108,48 @@ class SiteTerm:
         return d
 
 
-_COLUMNS = (
-    ("name", "site"),
-    ("role", "role"),
-    ("distribution", "distribution"),
-    ("batch_shape", "batch shape"),
-    ("event_shape", "event shape"),
-    ("scale", "scale (model / guide)"),
-    ("log_p", "log p"),
-    ("log_q", "log q"),
-    ("kl_analytic", "KL(q‖p)"),
-    ("estimator", "gradient estimator"),
+_COLUMNS = (  # (field, header, numeric)
+    ("name", "site", False),
+    ("role", "role", False),
+    ("distribution", "distribution", False),
+    ("shape", "batch | event shape", False),
+    ("scale", "scale p / q", False),
+    ("log_p", "log p", True),
+    ("log_q", "log q", True),
+    ("kl_analytic", "KL(q‖p)", True),
+    ("estimator", "estimator", False),
 )
 
 
+_TD = "white-space: nowrap; padding: 0.1em 0.5em;"
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
 def _cell(row: SiteTerm, key: str) -> str:
+    if key == "shape":
+        return f"{_shape(row.batch_shape)} | {_shape(row.event_shape)}"
     v = getattr(row, key)
     if key == "scale":
-        if row.role == "auxiliary":
-            return f"– / {_fmt_scale(row.guide_scale)}"
-        if row.role == "observed":
+        if row.guide_scale is None:
             return _fmt_scale(v)
+        if v is None:
+            return f"– / {_fmt_scale(row.guide_scale)}"
         return f"{_fmt_scale(v)} / {_fmt_scale(row.guide_scale)}" + (" ⚠" if v != row.guide_scale else "")
-    if key in ("batch_shape", "event_shape"):
-        return "(" + ", ".join(str(n) for n in v) + ("," if len(v) == 1 else "") + ")"
     if key == "distribution" and row.masked:
         return f"{v} (masked)"
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.4f}"
+        return f"{v:.6g}"
     return str(v)
 
 
-def _fmt_scale(s) -> str:
+def _fmt_scale(s, digits=4) -> str:
     if isinstance(s, float):
-        return f"{s:.6g}"
+        return f"{s:.{digits}g}"
     return "–" if s is None else str(s)
 
 
@@ -169,7 +177,7 @@ class SiteTable(tuple):
         return [row.as_dict() for row in self]
 
     def _text(self) -> str:
-        rows = [[head for _, head in _COLUMNS]] + [[_cell(r, k) for k, _ in _COLUMNS] for r in self]
+        rows = [[head for _, head, _ in _COLUMNS]] + [[_cell(r, k) for k, _, _ in _COLUMNS] for r in self]
         widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -179,11 +187,20 @@ class SiteTable(tuple):
         return self._text()
 
     def _repr_html_(self):
-        head = "".join(f"<th>{html.escape(h)}</th>" for _, h in _COLUMNS)
+        head = "".join(f'<th style="{_TD}">{html.escape(h)}</th>' for _, h, _ in _COLUMNS)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(_cell(r, k))}</td>" for k, _ in _COLUMNS) + "</tr>" for r in self
+            "<tr>"
+            + "".join(
+                f'<td style="{_TD}{" text-align: right;" if num else ""}">{html.escape(_cell(r, k))}</td>'
+                for k, _, num in _COLUMNS
+            )
+            + "</tr>"
+            for r in self
         )
-        return f'<table class="decompose-sites"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+        return (
+            '<div style="overflow-x: auto;"><table class="decompose-sites" style="font-size: 0.85em;">'
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+        )
 
 
 @dataclass(frozen=True)
@@ -256,10 +273,12 @@ class Decomposition:
 
     def _repr_html_(self):
         rows = "".join(
-            f"<tr><td><code>{t}</code></td><td>{html.escape(v)}</td><td>{html.escape(se)}</td></tr>"
+            f'<tr><td style="{_TD}"><code>{t}</code></td><td style="{_TD} text-align: right;">{html.escape(v)}</td>'
+            f'<td style="{_TD}">{html.escape(se)}</td></tr>'
             for t, v, se in self._summary_rows()
         )
-        rows += f"<tr><td><code>loss</code></td><td>{self.loss:.6g}</td><td></td></tr>"
+        rows += f'<tr><td style="{_TD}"><code>loss</code></td><td style="{_TD} text-align: right;">{self.loss:.6g}</td>'
+        rows += "<td></td></tr>"
         s = "s" if self.num_particles > 1 else ""
         caption = f"decompose: {self.num_particles} particle{s}" + (", vectorized" if self.vectorize_particles else "")
         return (
@@ -348,13 +367,13 @@ def _check_pair(model_trace, guide_trace):
         )
     for name, site in guide_sites.items():
         if name not in model_sites:
-            if not site["infer"].get("is_auxiliary"):
+            if not (site["infer"].get("is_auxiliary") or site["infer"].get("_deterministic")):
                 raise DecomposeError(
                     f"the guide has a sample site {name!r} that the model lacks; Trace_ELBO would add its log q "
                     "to the loss with no log p to match. Remove it, rename it to the model's site, or mark it "
                     "infer={'is_auxiliary': True} if it is an auxiliary variable of the guide."
                 )
-        elif model_sites[name]["is_observed"]:
+        elif model_sites[name]["is_observed"] and not site["infer"].get("_deterministic"):
             raise DecomposeError(
                 f"the guide samples {name!r}, which the model observes: replay ignores the guide's value, "
                 "yet Trace_ELBO would still subtract its log q. Remove the site from the guide."
@@ -490,7 +509,7 @@ def _estimator(guide_site) -> str:
 
 
 def _scale_warning(name, model_scale, guide_scale) -> str:
-    ms, gs = _fmt_scale(_scale_value(model_scale)), _fmt_scale(_scale_value(guide_scale))
+    ms, gs = _fmt_scale(_scale_value(model_scale), 6), _fmt_scale(_scale_value(guide_scale), 6)
     if isinstance(_scale_value(model_scale), float) and isinstance(_scale_value(guide_scale), float):
         objective = (
             f"E_q[log p(x|z)] - {ms} * KL(q||p) + ({gs} - {ms}) * H[q] for this site, where H[q] is the guide's entropy"
@@ -530,7 +549,7 @@ def _read(model_trace, guide_trace, num_vectorized, dim, acc):
         record("p", name, site)
         if site["is_observed"]:
             if name not in rows:
-                rows[name] = ["observed", site, None]
+                rows[name] = ["deterministic" if site["infer"].get("_deterministic") else "observed", site, None]
             continue
         g = guide_sites[name]
         if name not in rows:
@@ -547,7 +566,7 @@ def _read(model_trace, guide_trace, num_vectorized, dim, acc):
         if g["type"] == "sample" and name not in model_trace.nodes:
             record("q", name, g)
             if name not in rows:
-                rows[name] = ["auxiliary", None, g]
+                rows[name] = ["deterministic" if g["infer"].get("_deterministic") else "auxiliary", None, g]
 
 
 # ----------------------------------------------------------------------------- the function
@@ -667,8 +686,9 @@ def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
                 out = [a + b for a, b in zip(out, vals, strict=True)]
         return out
 
-    recon, prior = total("p", ("observed",)), total("p", ("latent",))
-    log_q, aux_q = total("q", ("latent", "auxiliary")), total("q", ("auxiliary",))
+    # deterministic sites score 0 (their Delta is masked); they are summed only to follow Pyro exactly
+    recon, prior = total("p", ("observed", "deterministic")), total("p", ("latent",))
+    log_q, aux_q = total("q", ("latent", "auxiliary", "deterministic")), total("q", ("auxiliary",))
     per = {
         "elbo": [r + p - q for r, p, q in zip(recon, prior, log_q, strict=True)],
         "reconstruction": recon,
@@ -752,37 +772,69 @@ def example_data() -> torch.Tensor:
     return torch.as_tensor(load_digits().data > 7, dtype=torch.get_default_dtype())
 
 
-def example_vae(batch_size=EXAMPLE_BATCH, latent=EXAMPLE_LATENT, hidden=EXAMPLE_HIDDEN, seed=EXAMPLE_SEED):
-    """A small VAE on the digits: ``(model, guide)``, with encoder and decoder weights drawn from ``seed``.
+def example_vae(
+    batch_size=EXAMPLE_BATCH,
+    latent=EXAMPLE_LATENT,
+    hidden=EXAMPLE_HIDDEN,
+    seed=EXAMPLE_SEED,
+):
+    """A small VAE on the digits: ``(model, guide)``, weights drawn from ``seed``.
 
-    ``z_n ~ N(0, I)``, ``x_n | z_n ~ Bernoulli(logits = decoder(z_n))`` over the 64 pixels, and
-    ``q(z_n | x_n) = N(m_n, diag(s_n^2))`` with ``(m_n, s_n)`` from the encoder; the data plate
-    is subsampled to ``batch_size`` digits, so Pyro scales every site in it by ``N / B``.
+    Model: ``z_n ~ N(0, I)``, then ``x_n | z_n``: Bernoulli pixels with logits
+    ``decoder(z_n)``. Guide: ``q(z_n | x_n) = N(m_n, diag(s_n^2))``, with
+    ``(m_n, s_n)`` from the encoder. The data plate draws ``batch_size``
+    digits, so Pyro scales the sites in it by N / B.
     """
+    dtype = torch.get_default_dtype()
     with seeded(seed):
         encoder = torch.nn.Sequential(
-            torch.nn.Linear(64, hidden), torch.nn.Softplus(), torch.nn.Linear(hidden, 2 * latent)
-        )
-        decoder = torch.nn.Sequential(torch.nn.Linear(latent, hidden), torch.nn.Softplus(), torch.nn.Linear(hidden, 64))
-    encoder.to(torch.get_default_dtype())
-    decoder.to(torch.get_default_dtype())
+            torch.nn.Linear(64, hidden),
+            torch.nn.Softplus(),
+            torch.nn.Linear(hidden, 2 * latent),
+        ).to(dtype)
+        decoder = torch.nn.Sequential(
+            torch.nn.Linear(latent, hidden),
+            torch.nn.Softplus(),
+            torch.nn.Linear(hidden, 64),
+        ).to(dtype)
 
     def model(x):
         pyro.module("decoder", decoder)
         with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
-            z = pyro.sample("z", dist.Normal(torch.zeros(latent), 1.0).to_event(1))
-            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x[idx])
+            prior = dist.Normal(torch.zeros(latent), 1.0).to_event(1)
+            z = pyro.sample("z", prior)
+            likelihood = dist.Bernoulli(logits=decoder(z)).to_event(1)
+            pyro.sample("x", likelihood, obs=x[idx])
 
     def guide(x):
         pyro.module("encoder", encoder)
         with pyro.plate("data", len(x), subsample_size=batch_size) as idx:
             loc, raw_scale = encoder(x[idx]).chunk(2, dim=-1)
-            pyro.sample("z", dist.Normal(loc, torch.nn.functional.softplus(raw_scale)).to_event(1))
+            scale = torch.nn.functional.softplus(raw_scale)
+            pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     return model, guide
 
 
 # ------------------------------------------------------------------------------ identities
+#: the statements, as the chapter displays them
+STATEMENT_TRACE_ELBO = r"""\begin{aligned}
+&-\texttt{Trace\_ELBO(num\_particles=}S\texttt{).loss}\\
+&\qquad = \underbrace{\tfrac1S\textstyle\sum_{s} \log p(x \mid z^{(s)})}_{\texttt{reconstruction}} -
+\underbrace{\tfrac1S\textstyle\sum_{s} \big[\log q_\lambda(z^{(s)}) - \log p(z^{(s)})\big]}_{\texttt{kl\_mc}}
+\end{aligned}"""
+STATEMENT_MEAN_FIELD = r"""\begin{aligned}
+&-\texttt{TraceMeanField\_ELBO(num\_particles=}S\texttt{).loss}\\
+&\qquad = \underbrace{\tfrac1S\textstyle\sum_{s} \log p(x \mid z^{(s)})}_{\texttt{reconstruction}} -
+\underbrace{\tfrac1S\textstyle\sum_{s} \sum_{j} \mathrm{KL}\big(q_\lambda(z_j)\,\|\,p(z_j)\big)}
+_{\texttt{kl\_analytic}}
+\end{aligned}"""
+STATEMENT_SCALE_MISMATCH = r"""\begin{aligned}
+\mathbb E_{q_\lambda(z)}\big[\beta_p \log p(z) - \beta_q \log q_\lambda(z)\big]
+&= -\beta_p\,\mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big)\\
+&\quad + (\beta_q - \beta_p)\,\mathrm H[q_\lambda]
+\end{aligned}"""
+
 #: the particle setting and seed of the same-draw checks
 CHECK_PARTICLES, CHECK_VECTORIZE, CHECK_SEED = 4, True, 11
 
@@ -820,10 +872,7 @@ register(
         id="decompose-matches-trace-elbo",
         chapter=CHAPTER,
         label="decompose-matches-trace-elbo",
-        statement=r"-\texttt{Trace\_ELBO(num\_particles=}S\texttt{).loss} = "
-        r"\underbrace{\tfrac1S\textstyle\sum_{s} \log p(x \mid z^{(s)})}_{\texttt{reconstruction}}"
-        r" - \underbrace{\tfrac1S\textstyle\sum_{s} \big[\log q_\lambda(z^{(s)}) - \log p(z^{(s)})\big]}"
-        r"_{\texttt{kl\_mc}}",
+        statement=STATEMENT_TRACE_ELBO,
         numeric=num_matches_trace_elbo,
         wrong=("flipped-kl-sign", "missing-log-q"),
         summary="decompose splits Trace_ELBO's loss, on Pyro's own draws, into reconstruction minus a sampled KL",
@@ -848,13 +897,98 @@ register(
         id="decompose-matches-mean-field",
         chapter=CHAPTER,
         label="decompose-matches-mean-field",
-        statement=r"-\texttt{TraceMeanField\_ELBO(num\_particles=}S\texttt{).loss} = "
-        r"\underbrace{\tfrac1S\textstyle\sum_{s} \log p(x \mid z^{(s)})}_{\texttt{reconstruction}}"
-        r" - \underbrace{\tfrac1S\textstyle\sum_{s} \sum_{j} \mathrm{KL}\big(q_\lambda(z_j)\,\|\,p(z_j)\big)}"
-        r"_{\texttt{kl\_analytic}}",
+        statement=STATEMENT_MEAN_FIELD,
         numeric=num_matches_mean_field,
         wrong=("sampled-kl", "flipped-kl-sign"),
         summary="with a closed-form KL at every latent site, decompose's reconstruction - kl_analytic is "
         "TraceMeanField_ELBO's loss",
+    )
+)
+
+
+# ------------------------------------------------------------- the one-sided scale warning
+#: the setting of the check: model scale, guide scale, the guide q = N(m, s^2) against p = N(0, 1)
+MISMATCH_MODEL_SCALE, MISMATCH_GUIDE_SCALE, MISMATCH_LOC, MISMATCH_SD = 0.1, 1.0, 0.5, 0.6
+MISMATCH_PARTICLES, MISMATCH_SEED = 20000, 5
+
+_z = sp.Symbol("z", real=True)
+_m = sp.Symbol("m", real=True)
+_s, _bp, _gap = sp.symbols("s beta_p delta", positive=True)
+#: beta_q, written as beta_p + delta: the wrong variant then differs by delta * H[q], which no
+#: test point can make 0 (delta > 0), while the proof, a polynomial identity in delta, holds for any delta
+_bq = _bp + _gap
+
+
+def _log_normal(v, mean, sd):
+    return -sp.log(2 * sp.pi * sd**2) / 2 - (v - mean) ** 2 / (2 * sd**2)
+
+
+@functools.cache
+def _expect_q(f):
+    """E_q[f(z)] for q = N(m, s^2), integrated by SymPy."""
+    q = sp.exp(_log_normal(_z, _m, _s))
+    return sp.simplify(sp.integrate(sp.expand(f * q), (_z, -sp.oo, sp.oo), conds="none"))
+
+
+def mismatch_objective_symbolic(variant=None):
+    """The two sides of ``scale-mismatch-objective`` (p = N(0, 1)), each integrated against q."""
+    log_p, log_q = _log_normal(_z, 0, 1), _log_normal(_z, _m, _s)
+    lhs = _expect_q(_bp * log_p - _bq * log_q)
+    kl, entropy = _expect_q(log_q - log_p), _expect_q(-log_q)
+    rhs = -_bp * kl + (0 if variant == "entropy-cancels" else (_bq - _bp) * entropy)
+    return lhs, rhs
+
+
+def sym_scale_mismatch(variant=None):
+    lhs, rhs = mismatch_objective_symbolic(variant)
+    return lhs - rhs
+
+
+def mismatch_pair():
+    """z ~ N(0, 1) scaled by beta_p in the model, q = N(m, s^2) scaled by beta_q in the guide; one datum."""
+
+    def model():
+        with poutine.scale(scale=MISMATCH_MODEL_SCALE):
+            z = pyro.sample("z", dist.Normal(torch.tensor(0.0), 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(1.0))
+
+    def guide():
+        with poutine.scale(scale=MISMATCH_GUIDE_SCALE):
+            pyro.sample("z", dist.Normal(torch.tensor(MISMATCH_LOC), MISMATCH_SD))
+
+    return model, guide
+
+
+def num_scale_mismatch(variant=None):
+    """decompose's per-particle ``log_prior - log_q`` (a Monte Carlo mean) against the closed form.
+
+    Also checks that decompose warned (the claim of its message is what is being checked).
+    """
+    with float64():
+        model, guide = mismatch_pair()
+        with seeded(MISMATCH_SEED), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = decompose(model, guide, num_particles=MISMATCH_PARTICLES, vectorize_particles=True)
+        if not any(issubclass(w.category, ScaleMismatchWarning) for w in caught):
+            raise AssertionError("decompose did not warn about the one-sided scale")
+        samples = [p - q for p, q in zip(t.per_particle["log_prior"], t.per_particle["log_q"], strict=True)]
+        values = {_bp: MISMATCH_MODEL_SCALE, _gap: MISMATCH_GUIDE_SCALE - MISMATCH_MODEL_SCALE}
+        values.update({_m: MISMATCH_LOC, _s: MISMATCH_SD})
+        claimed = float(mismatch_objective_symbolic(variant)[1].subs(values))
+        true = float(mismatch_objective_symbolic()[1].subs(values))
+        return monte_carlo(samples, claimed, scale=abs(true))
+
+
+register(
+    Identity(
+        id="scale-mismatch-objective",
+        chapter=CHAPTER,
+        label="scale-mismatch-objective",
+        statement=STATEMENT_SCALE_MISMATCH,
+        symbolic=sym_scale_mismatch,
+        numeric=num_scale_mismatch,
+        wrong=("entropy-cancels",),
+        summary="a latent site scaled by beta_p in the model and beta_q in the guide adds (beta_q - beta_p) "
+        "times the guide's entropy; decompose's warning says so",
     )
 )
