@@ -545,6 +545,31 @@ def test_one_sided_scale_warns_and_says_what_the_objective_is(num_particles, vec
     assert terms.sites["z"].scale == pytest.approx(0.1) and terms.sites["z"].guide_scale == 1.0
 
 
+@pytest.mark.parametrize("num_particles,vectorize", PARTICLES)
+def test_mean_field_kl_takes_the_guides_scale(num_particles, vectorize):
+    """With scales that differ, TraceMeanField_ELBO weights the KL by the guide's factor; so does decompose."""
+
+    def model(x):
+        with poutine.scale(scale=0.2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with poutine.scale(scale=0.7):
+            pyro.sample("z", dist.Normal(0.4, 0.6))
+
+    options = dict(num_particles=num_particles, vectorize_particles=vectorize)
+    with pytest.warns(ScaleMismatchWarning):
+        pyro.set_rng_seed(4)
+        terms = decompose(model, guide, data(), **options)
+    pyro.set_rng_seed(4)
+    loss = TraceMeanField_ELBO(**options).loss(model, guide, data())
+    close(-terms.elbo_mean_field, loss)
+    kl = float(torch.distributions.kl_divergence(dist.Normal(0.4, 0.6), dist.Normal(0.0, 1.0)))
+    close(terms.kl_analytic, 0.7 * kl)
+
+
 def test_local_site_outside_the_guides_subsampled_plate_warns():
     """The model subsamples a plate of local latents, the guide forgets the plate: scales N/B vs 1.
 
