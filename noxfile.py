@@ -39,3 +39,12 @@ def lint(session):
     session.install("ruff==0.17.6")
     session.run("ruff", "check", "code", "tests", "conf.py", "noxfile.py")
     session.run("ruff", "format", "--check", "code", "tests", "conf.py", "noxfile.py")
+
+
+@nox.session
+def bench(session):
+    """Timings: decompose's benchmark (when present), then the book's cold build and rebuilds (on a copy)."""
+    install(session)
+    if (ROOT / "tests" / "bench_decompose.py").exists():
+        session.run("python", "tests/bench_decompose.py")
+    session.run("python", "tests/bench_build.py", *session.posargs)
