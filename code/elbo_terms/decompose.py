@@ -442,7 +442,9 @@ def _per_particle(t, num_vectorized: int, dim: int | None):
     if dim is None:
         return t.sum()
     if t.dim() >= -dim and t.shape[dim] == num_vectorized:
-        return t.movedim(dim, 0).reshape(num_vectorized, -1).sum(1)
+        if t.dim() > -dim:  # some dims left of the particle plate: bring the particle dim first
+            t = t.movedim(dim, 0)
+        return t.reshape(num_vectorized, -1).sum(1)
     return (t.sum() / num_vectorized).expand(num_vectorized)
 
 
