@@ -32,7 +32,7 @@ CHAPTER = "likelihoods-as-losses"
 u = sp.Symbol("u", real=True)  #: u = x_d - mu_d, the residual of one pixel
 mu = sp.Symbol("mu", real=True)
 sigma = sp.Symbol("sigma", positive=True)
-b = sp.Symbol("b", positive=True)  #: the Laplace scale
+b = sp.Symbol("kappa", positive=True)  #: the Laplace scale, kappa in the book
 n_pix = sp.Symbol("D", positive=True, integer=True)
 sq_norm = sp.Symbol(r"\lVert x-\mu\rVert^2", positive=True)  #: sum_d (x_d - mu_d)^2
 abs_norm = sp.Symbol(r"\lVert x-\mu\rVert_1", positive=True)  #: sum_d |x_d - mu_d|
@@ -452,8 +452,8 @@ register(
         id="laplace-to-l1",
         chapter=CHAPTER,
         label="laplace-to-l1",
-        statement=r"\sum_{d=1}^{D} \log \mathrm{Laplace}(x_d;\ \mu_d,\ b)"
-        r" = -\frac{\lVert x - \mu\rVert_1}{b} - D\log(2b)",
+        statement=r"\sum_{d=1}^{D} \log \mathrm{Laplace}(x_d;\ \mu_d,\ \kappa)"
+        r" = -\frac{\lVert x - \mu\rVert_1}{\kappa} - D\log(2\kappa)",
         symbolic=sym_laplace,
         numeric=num_laplace,
         wrong=("missing-constant",),
