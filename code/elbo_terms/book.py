@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
 from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, proves_zero
 
-__all__ = ["verify", "Result", "number", "show_source", "figure", "seeded", "float64", "LEDGER_PREFIX"]
+__all__ = ["verify", "Result", "number", "math_lines", "show_source", "figure", "seeded", "float64", "LEDGER_PREFIX"]
 
 LEDGER_PREFIX = "ledger-"
 
@@ -67,17 +67,18 @@ class Result:
 
     # Jupyter display: a one-line badge under the equation.
     def _repr_html_(self):
+        """A one-line badge: the verdict, how it was checked, and links to the ledger row."""
         i, n = self.identity, self.numeric
         mark = "&#10004;" if self.passed else "&#10008;"
-        ledger = f'<a href="ledger.html#identity-{html.escape(i.id)}">ledger</a>'
-        bits = [f"<strong>{mark} <code>{html.escape(i.id)}</code></strong> ({ledger})"]
+        ident = html.escape(i.id)
+        bits = [f'<strong>{mark} <a href="ledger.html#identity-{ident}"><code>{ident}</code></a></strong>']
         if self.symbolic is not None:
-            bits.append("SymPy: " + ("proved" if self.symbolic else "not proved"))
+            bits.append("SymPy " + ("proved" if self.symbolic else "not proved"))
         if n is not None:
-            what = "same draw" if n.kind == "exact" else f"Monte Carlo, n = {n.detail.get('n')}"
-            bits.append(f"{what}: |lhs &minus; rhs| = {n.abs_error:.2g} &le; {n.tolerance:.2g}")
-        bits.append(f"check: <code>{html.escape(i.code)}</code>")
-        bits.append(f"tests: <code>{html.escape(i.tests[0])}</code>, <code>[…wrong_variant_fails…]</code>")
+            what = "same draw" if n.kind == "exact" else f"Monte Carlo (n = {n.detail.get('n')})"
+            bits.append(f"{what}: |&Delta;| = {n.abs_error:.1e} &le; {n.tolerance:.1e}")
+        short = i.code.removeprefix("elbo_terms.")
+        bits.append(f'<span class="identity-code">check <code>{html.escape(short)}</code></span>')
         cls = "identity-check passed" if self.passed else "identity-check failed"
         return f'<div class="{cls}">' + " &middot; ".join(bits) + "</div>"
 
@@ -115,13 +116,34 @@ def verify(identity: str | Identity, variant: str | None = None) -> Result:
     return result
 
 
-def number(name: str, value) -> float:
-    """Glue ``value`` as a Python float under ``name`` (for ``{glue}`` in the prose)."""
+def number(name: str, value) -> None:
+    """Glue ``value`` as a Python float under ``name`` (for ``{glue:text}`` in the prose).
+
+    Returns nothing, so a cell that ends with it prints nothing.
+    """
     from myst_nb import glue
 
-    v = float(value)
-    glue(name, v, display=False)
-    return v
+    glue(name, float(value), display=False)
+
+
+def math_lines(lhs: str, expr, per_line: int = 2):
+    """Display ``lhs = expr`` with the terms of the SymPy sum ``expr`` spread over lines.
+
+    Long SymPy results do not fit the page on one line; this breaks them after every
+    ``per_line`` terms, in an ``aligned`` block.
+    """
+    import sympy as sp
+    from IPython.display import Math
+
+    terms = sp.Add.make_args(sp.sympify(expr))
+    chunks = [terms[i : i + per_line] for i in range(0, len(terms), per_line)]
+    lines = []
+    for k, chunk in enumerate(chunks):
+        body = sp.latex(sp.Add(*chunk, evaluate=False))
+        if k > 0 and not body.startswith("-"):
+            body = "+ " + body
+        lines.append(("&= " if k == 0 else "&\\quad ") + body)
+    return Math(lhs + r" \begin{aligned}[t] " + r" \\ ".join(lines) + r" \end{aligned}")
 
 
 def show_source(obj):

@@ -176,8 +176,8 @@ register(
         id="evidence-closed-form",
         chapter=CHAPTER,
         label="evidence-closed-form",
-        statement=r"\log p(x) = -\tfrac{n}{2}\log(2\pi\sigma^2) - \tfrac12\log(s_0^2\tau) - \tfrac{S_{xx}}{2\sigma^2}"
-        r" - \tfrac{\mu_0^2}{2s_0^2} + \tfrac{\tau\mu_n^2}{2}",
+        statement=r"\begin{aligned}\log p(x) = {} & -\tfrac{n}{2}\log(2\pi\sigma^2) - \tfrac12\log(s_0^2\tau) \\"
+        r" & - \tfrac{S_{xx}}{2\sigma^2} - \tfrac{\mu_0^2}{2s_0^2} + \tfrac{\tau\mu_n^2}{2}\end{aligned}",
         symbolic=sym_evidence,
         numeric=num_evidence,
         wrong=("missing-log-det",),
@@ -218,9 +218,10 @@ register(
         id="posterior-closed-form",
         chapter=CHAPTER,
         label="posterior-closed-form",
-        statement=r"p(z \mid x) = \frac{p(x, z)}{p(x)} = \mathcal N\!\left(z;\ \mu_n,\ \tau^{-1}\right),"
-        r"\quad \tau = \tfrac{1}{s_0^2} + \tfrac{n}{\sigma^2},"
-        r"\ \mu_n = \tfrac{1}{\tau}\left(\tfrac{\mu_0}{s_0^2} + \tfrac{S_x}{\sigma^2}\right)",
+        statement=r"\begin{aligned}p(z \mid x) &= \frac{p(x, z)}{p(x)}"
+        r" = \mathcal N\!\left(z;\ \mu_n,\ \tau^{-1}\right), \\"
+        r" \tau &= \tfrac{1}{s_0^2} + \tfrac{n}{\sigma^2},\quad"
+        r" \mu_n = \tfrac{1}{\tau}\left(\tfrac{\mu_0}{s_0^2} + \tfrac{S_x}{\sigma^2}\right)\end{aligned}",
         symbolic=sym_posterior,
         numeric=num_posterior,
         wrong=("forgot-n",),

@@ -95,6 +95,8 @@ def check_records(app, env):
                 logger.warning(
                     f"{where}: equation label '{label}' is not on page '{doc}'", type="elbo_terms", subtype="ledger"
                 )
+            else:  # the ledger states the identity exactly as the page displays it
+                rec["statement"] = _displayed_latex(env, doc, label) or rec["statement"]
         if not rec["passed"]:
             logger.warning(f"{where}: FAILED", type="elbo_terms", subtype="ledger")
     # chapters executed as notebooks must verify every identity registered for them
@@ -124,6 +126,14 @@ def _ledger_doc(env):
     return docs[0] if docs else None
 
 
+def _displayed_latex(env, docname, label):
+    """The LaTeX of the equation labelled ``label`` on page ``docname``, as the page shows it."""
+    for node in env.get_doctree(docname).findall(nodes.math_block):
+        if node.get("label") == label:
+            return node.astext().strip()
+    return None
+
+
 def _text_cell(text, literal=False):
     entry = nodes.entry()
     para = nodes.paragraph()
@@ -133,22 +143,13 @@ def _text_cell(text, literal=False):
 
 
 def _table(app, fromdocname, records):
-    headers = [
-        "identity",
-        "statement",
-        "chapter",
-        "SymPy",
-        "kind",
-        "|lhs − rhs|",
-        "tolerance",
-        "passed",
-        "check and tests",
-    ]
+    """Rows: verdict, id, statement, where it is shown, how it was checked, code and tests."""
+    headers = ["", "identity", "statement", "shown in", "checked", "code and tests"]
     table = nodes.table(classes=["identity-ledger"])
     tgroup = nodes.tgroup(cols=len(headers))
     table += tgroup
-    for _ in headers:
-        tgroup += nodes.colspec(colwidth=1)
+    for width in (1, 4, 8, 4, 5, 6):
+        tgroup += nodes.colspec(colwidth=width)
     thead = nodes.thead()
     row = nodes.row()
     for h in headers:
@@ -156,43 +157,42 @@ def _table(app, fromdocname, records):
     thead += row
     tgroup += thead
     tbody = nodes.tbody()
-    builder = app.builder
     for rec in records:
         row = nodes.row(ids=[f"identity-{rec['id']}"])
+        row += _text_cell("✔" if rec["passed"] else "✘")
         row += _text_cell(rec["id"], literal=True)
         entry = nodes.entry()
         entry += nodes.math(rec["statement"], rec["statement"])
         row += entry
         entry = nodes.entry()
         para = nodes.paragraph()
-        uri = builder.get_relative_uri(fromdocname, rec["_docname"])
+        uri = app.builder.get_relative_uri(fromdocname, rec["_docname"])
         if rec.get("label"):
             uri += f"#equation-{rec['label']}"
         title = env_title(app, rec["_docname"])
-        para += nodes.reference(
-            "", title + (f" ({rec['label']})" if rec.get("label") else ""), refuri=uri, internal=True
-        )
+        para += nodes.reference("", title, refuri=uri, internal=True)
+        if rec.get("label"):
+            para += nodes.Text(" (")
+            para += nodes.literal(text=rec["label"])
+            para += nodes.Text(")")
         entry += para
         row += entry
-        sym = rec["symbolic"]
-        row += _text_cell("—" if sym is None else ("proved" if sym else "not proved"))
-        num = rec["numeric"]
-        if num is None:
-            row += _text_cell("—")
-            row += _text_cell("—")
-            row += _text_cell("—")
-        else:
-            row += _text_cell("same draw" if num["kind"] == "exact" else "Monte Carlo")
-            row += _text_cell(f"{num['abs_error']:.2e}")
-            row += _text_cell(f"{num['tolerance']:.2e}")
-        row += _text_cell("✔" if rec["passed"] else "✘")
         entry = nodes.entry()
+        sym = rec["symbolic"]
+        if sym is not None:
+            entry += nodes.paragraph(text="SymPy: " + ("proved" if sym else "not proved"))
+        num = rec["numeric"]
+        if num is not None:
+            kind = "same draw" if num["kind"] == "exact" else "Monte Carlo"
+            entry += nodes.paragraph(text=f"{kind}: |Δ| = {num['abs_error']:.1e} ≤ {num['tolerance']:.1e}")
+        row += entry
+        entry = nodes.entry(classes=["ledger-code"])
         para = nodes.paragraph()
-        para += nodes.literal(text=rec["code"])
+        para += nodes.literal(text=rec["code"].removeprefix("elbo_terms."))
         entry += para
         for t in rec["tests"]:
             para = nodes.paragraph()
-            para += nodes.literal(text=t)
+            para += nodes.literal(text=t.removeprefix("tests/"))
             entry += para
         row += entry
         tbody += row
