@@ -196,7 +196,12 @@ INSPECT = r"""() => {
   const eqLinks = [...document.querySelectorAll('a.reference[href*="#equation-"]')]
       .map(a => ({text: short(a.textContent), href: a.href}));
   const images = [...document.images].map(i => ({src: i.currentSrc || i.src, ok: i.complete && i.naturalWidth > 0}));
-  return {texErrors, merrors, untypeset, rawTeX, equationIds, eqLinks, images};
+  // display equations wider than their box (they would scroll, or be cut, inside the column)
+  const wideMath = [...document.querySelectorAll('mjx-container[display="true"]')]
+      .filter(m => m.scrollWidth > m.clientWidth + 1)
+      .map(m => { const box = m.closest('[id^="equation-"]');
+                  return `${box ? box.id : 'unlabelled'} (${m.scrollWidth} px in ${m.clientWidth} px)`; });
+  return {texErrors, merrors, untypeset, rawTeX, equationIds, eqLinks, images, wideMath};
 }"""
 
 # What sticks out at the right edge: elements not inside a scrolling/clipping box or a fixed panel.
@@ -366,3 +371,11 @@ def test_no_horizontal_overflow_at_phone_width(visit, page):
     assert widest <= o["W"] + 1, f"{page} is {widest} px wide in a {o['W']} px viewport; sticking out:" + _fmt(
         o["culprits"] or ["(unknown)"]
     )
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("page", PAGES)
+def test_display_math_fits_the_column_at_desktop_width(visit, page):
+    """At 1280 px every display equation fits its column: nothing a reader would copy is cut or scrolled."""
+    wide = visit(page).report["wideMath"]
+    assert not wide, f"{page}: display equations wider than the column:" + _fmt(wide)
