@@ -5,18 +5,23 @@ holds and that each named wrong variant is rejected; these add what they cannot 
 """
 
 import math
+import re
+from pathlib import Path
 
 import pyro
 import pyro.distributions as dist
 import pytest
 import sympy as sp
 import torch
+from elbo_terms import IDENTITIES
 from elbo_terms import conjugate as C
 from elbo_terms import gradients as G
 from elbo_terms._util import float64, seeded, t64
 from pyro import poutine
 
 M, S = C.GUIDE_MEAN, C.GUIDE_SD
+CHAPTER_FILE = Path(__file__).resolve().parent.parent / "book" / "gradients.md"
+IDS = sorted(iid for iid, i in IDENTITIES.items() if i.chapter == "gradients")
 
 
 # ------------------------------------------------------------------ helpers
@@ -184,3 +189,80 @@ def test_guide_draws_are_recorded_in_order_and_not_reparameterized_when_asked():
     assert tr.nodes["z"]["fn"].has_rsample is False
     assert isinstance(tr.nodes["z"]["fn"], dist.Normal)
     assert len(draws) == 1 and torch.equal(draws[0], tr.nodes["z"]["value"].detach())
+
+
+# ------------------------------------------------ near-miss wrong variants
+def test_unnormalized_score_misses_the_identity_by_the_mean_of_f_over_s():
+    """The wrong variant of score-function-identity is a near miss: right in m, off by E_q[f]/s in s."""
+    lhs, rhs = G._exp_tz_sides("unnormalized")
+    mgf = G.gaussian_expectation(sp.exp(G.t * C.z))
+    assert sp.simplify(lhs[0] - rhs[0]) == 0
+    assert sp.simplify(lhs[1] - rhs[1] + mgf / C.s) == 0
+
+
+# --------------------------------------------- scope of the surrogate equation
+def test_sequential_plate_gets_no_rao_blackwellization():
+    """MultiFrameTensor.add keeps vectorized frames only: a sequential plate weights by the whole sum."""
+    assert G.sequential_plate_check(rao_blackwell=False).passed
+    assert not G.sequential_plate_check(rao_blackwell=True).passed
+
+
+def test_log_r_leaves_out_auxiliary_guide_sites():
+    """_compute_log_r loops over model sites: an auxiliary guide site's log q is not in the weight."""
+    x, draws, aux = C.data(), [], []
+
+    def guide(x):
+        m, s = pyro.param("m", t64(M)), pyro.param("s", t64(S))
+        z = pyro.sample("z", dist.Normal(m, s).has_rsample_(False))
+        a = pyro.sample("aux", dist.Normal(t64(0.0), t64(1.0)), infer={"is_auxiliary": True})
+        draws.append(z.detach().clone())
+        aux.append(a.detach().clone())
+
+    _, grads = G.loss_and_grads(pyro.infer.Trace_ELBO(), guide, x, seed=12)
+    est = G.score_function_estimate(x, draws[0], M, S)
+    assert torch.allclose(G.flat(grads), -est, rtol=1e-12, atol=0)
+    log_q_aux = dist.Normal(t64(0.0), t64(1.0)).log_prob(aux[0])
+    with_aux = G.scores(draws[0], M, S) * (G.log_r(x, draws[0], M, S) - log_q_aux)
+    assert not torch.allclose(G.flat(grads), -with_aux, rtol=1e-6, atol=0)
+
+
+def test_the_sticking_the_landing_comment_is_in_the_non_reparameterized_branch():
+    assert G.stl_comment_branch() == "not reparameterized"
+
+
+def test_score_parts_table_shows_both_guides():
+    lines = G.score_parts_table(C.data()).splitlines()
+    assert len(lines) == 3
+    assert lines[1].startswith("True") and lines[2].startswith("False")
+    loss_r, sur_r = G.loss_and_surrogate_loss(True, C.data())
+    loss_s, sur_s = G.loss_and_surrogate_loss(False, C.data())
+    assert loss_r == pytest.approx(sur_r, rel=1e-12) and loss_r == pytest.approx(loss_s, rel=1e-12)
+    assert sur_s != pytest.approx(loss_s, rel=1e-3)
+    assert len(pyro.get_param_store()) == 0
+
+
+# ------------------------------------------------------- the chapter's interface
+def _displays():
+    """{label: LaTeX} of the chapter's labelled display equations."""
+    display = re.compile(r"^\$\$\n((?:(?!^\$\$).)*?)\n\$\$ \(([a-z0-9-]+)\)$", re.S | re.M)
+    return {label: body for body, label in display.findall(CHAPTER_FILE.read_text())}
+
+
+def _squash(latex):
+    return re.sub(r"\s+", "", latex).rstrip(".")
+
+
+@pytest.mark.parametrize("iid", IDS)
+def test_each_statement_is_the_displayed_equation(iid):
+    identity, displays = IDENTITIES[iid], _displays()
+    assert identity.label in displays, iid
+    assert _squash(identity.statement) == _squash(displays[identity.label]), iid
+    assert re.search(rf'verify\("{iid}"\)', CHAPTER_FILE.read_text()), iid
+
+
+def test_notation_of_the_chapter():
+    """Book-wide decisions: varepsilon, particle index k, L^sur (no tilde)."""
+    text = CHAPTER_FILE.read_text() + "".join(IDENTITIES[i].statement for i in IDS)
+    assert "\\epsilon" not in text
+    assert "\\tilde{\\mathcal L}" not in text
+    assert "z^{(s)}" not in text and "sum_{s=1}" not in text

@@ -8,10 +8,11 @@ now with a guide whose parameters are ``pyro.param``\ s, lambda = (m, s)::
 Two unbiased estimators of the gradient of the ELBO ``L(m, s)``:
 
 * score function (BBVI eq. 2-3):   grad log q_lambda(z) * log r(z),          z ~ q fixed;
-* reparameterization:              grad [log p(x, m + s e) - log q_lambda(m + s e)],  e ~ N(0, 1).
+* reparameterization:              grad [log p(x, m + s e) - log q_lambda(m + s e)],  e ~ N(0, 1)
+  (``e`` is the book's varepsilon).
 
-``Trace_ELBO`` builds a *surrogate* whose autograd gradient is the first for guide sites
-with ``has_rsample == False`` and the second for the others. The checks below compare the
+``Trace_ELBO`` builds a *surrogate* ELBO, L^sur, whose autograd gradient is the first for guide
+sites with ``has_rsample == False`` and the second for the others. The checks below compare the
 ``.grad`` that Pyro leaves on the params with these formulas evaluated on the same draw
 (exact, float64), and the means of many draws with the SymPy gradient of the closed-form
 ELBO (statistical). Pyro reports a *loss*, ``-L``: its ``.grad`` is minus the gradient of L.
@@ -20,6 +21,7 @@ ELBO (statistical). Pyro reports a *loss*, ``-L``: its ``.grad`` is minus the gr
 from __future__ import annotations
 
 import functools
+import inspect
 
 import pyro
 import pyro.distributions as dist
@@ -40,7 +42,7 @@ PARAM_NAMES = ("m", "s")
 
 # ------------------------------------------------------------------- SymPy side
 t = sp.Symbol("t", real=True)
-eps = sp.Symbol("epsilon", real=True)
+eps = sp.Symbol("varepsilon", real=True)  # printed by sp.latex as \varepsilon
 #: a direction in (m, s)-space: a vector identity holds iff its derivative along every direction does
 u_m, u_s = sp.symbols("u_m u_s", positive=True)
 
@@ -260,12 +262,10 @@ SCORE_IDENTITY_DRAWS = 2_000_000
 
 
 def _exp_tz_sides(variant=None):
+    """[grad E_q f], [E_q f * score] for f = exp(t z); ``unnormalized`` scores log q without -log(2 pi s^2)/2."""
     f = sp.exp(t * C.z)
     lhs = gradient_symbolic(gaussian_expectation(f))
-    if variant == "gradient-inside":
-        rhs = [gaussian_expectation(sp.diff(f, lam)) for lam in LAMBDA]
-    else:
-        rhs = [gaussian_expectation(f * score_symbolic(lam)) for lam in LAMBDA]
+    rhs = [gaussian_expectation(f * score_symbolic(lam, normalized=variant != "unnormalized")) for lam in LAMBDA]
     return lhs, rhs
 
 
@@ -275,16 +275,18 @@ def sym_score_function_identity(variant=None):
 
 
 def num_score_function_identity(variant=None):
-    """Draws of f(z) grad log q(z) with f = exp(t z) against SymPy's gradient of E_q[f]."""
+    """Draws of f(z) grad log q(z) with f = exp(t z) against SymPy's gradient of E_q[f].
+
+    The score comes from autograd on ``torch.distributions.Normal(m, s).log_prob`` (see :func:`scores`).
+    Wrong variant ``unnormalized``: the score of log q without its normalizer, whose s-part is
+    off by 1/s, so the s-component is off by E_q[f]/s.
+    """
     with float64():
         mean, sd, tt = C.GUIDE_MEAN, C.GUIDE_SD, SCORE_IDENTITY_T
         with seeded(10):
             z = mean + sd * torch.randn(SCORE_IDENTITY_DRAWS, dtype=torch.float64)
         f = torch.exp(tt * z)
-        if variant == "gradient-inside":
-            samples = torch.zeros(len(z), 2, dtype=torch.float64)  # f does not depend on lambda
-        else:
-            samples = f.unsqueeze(-1) * scores(z, mean, sd)
+        samples = f.unsqueeze(-1) * scores(z, mean, sd, normalized=variant != "unnormalized")
         lhs = gradient_symbolic(gaussian_expectation(sp.exp(t * C.z)))
         target = t64([float(e.subs({t: tt, C.m: mean, C.s: sd})) for e in lhs])
         return componentwise_monte_carlo(samples, target, target.abs())
@@ -299,7 +301,7 @@ register(
         r" = \mathbb E_{q_\lambda(z)}\big[f(z)\,\nabla_\lambda \log q_\lambda(z)\big]",
         symbolic=sym_score_function_identity,
         numeric=num_score_function_identity,
-        wrong=("gradient-inside",),
+        wrong=("unnormalized",),
         summary="the log-derivative trick: the gradient of an expectation is the expectation of f times the score",
     )
 )
@@ -423,8 +425,8 @@ register(
         id="reparam-gradient",
         chapter=CHAPTER,
         label="reparam-gradient",
-        statement=r"\nabla_\lambda \mathcal L = \mathbb E_{\epsilon \sim \mathcal N(0, 1)}\Big[\nabla_\lambda"
-        r"\big(\log p(x, m + s\epsilon) - \log q_\lambda(m + s\epsilon)\big)\Big]",
+        statement=r"\nabla_\lambda \mathcal L = \mathbb E_{\varepsilon \sim \mathcal N(0, 1)}\Big[\nabla_\lambda"
+        r"\big(\log p(x, m + s\varepsilon) - \log q_\lambda(m + s\varepsilon)\big)\Big]",
         symbolic=sym_reparam_gradient,
         numeric=num_reparam_gradient,
         wrong=("no-path-through-z",),
@@ -457,8 +459,11 @@ register(
         id="bbvi-mc-estimate",
         chapter=CHAPTER,
         label="bbvi-mc-estimate",
-        statement=r"-\nabla_\lambda\texttt{loss} = \frac1S \sum_{s=1}^S \nabla_\lambda \log q_\lambda(z^{(s)})\,"
-        r"\big(\log p(x, z^{(s)}) - \log q_\lambda(z^{(s)})\big), \quad z^{(s)} \sim q_\lambda",
+        statement=r"\begin{aligned}"
+        r"-\nabla_\lambda\texttt{loss} &= \frac1S \sum_{k=1}^S \nabla_\lambda \log q_\lambda(z^{(k)})\,"
+        r"\big(\log p(x, z^{(k)}) - \log q_\lambda(z^{(k)})\big), \\"
+        r" z^{(k)} &\sim q_\lambda, \quad k = 1, \dots, S."
+        r"\end{aligned}",
         numeric=num_bbvi_mc_estimate,
         wrong=("with-minus-score", "flipped-sign"),
         summary="BBVI eq. (3): with has_rsample False, the gradient Trace_ELBO leaves is the score-function estimate",
@@ -488,9 +493,11 @@ register(
         id="reparam-single-draw",
         chapter=CHAPTER,
         label="reparam-single-draw",
-        statement=r"-\nabla_\lambda\texttt{loss}"
-        r" = \nabla_\lambda\big(\log p(x, m + s\epsilon) - \log q_\lambda(m + s\epsilon)\big),"
-        r"\quad \epsilon \sim \mathcal N(0, 1)\ \text{fixed}",
+        statement=r"\begin{aligned}"
+        r"-\nabla_\lambda\texttt{loss} &= \nabla_\lambda\big(\log p(x, m + s\varepsilon)"
+        r" - \log q_\lambda(m + s\varepsilon)\big), \\"
+        r" &\qquad \varepsilon \sim \mathcal N(0, 1)\ \text{fixed}."
+        r"\end{aligned}",
         numeric=num_reparam_single_draw,
         wrong=("no-path-through-z", "flipped-sign"),
         summary="with a reparameterized guide, the gradient Trace_ELBO leaves is autograd through z = m + s eps",
@@ -506,6 +513,37 @@ def pyro_traces(guide, x, model=C.model, seed=0):
     """
     with seeded(seed):
         return Trace_ELBO()._get_trace(model, guide, (x,), {})
+
+
+def score_parts_table(x, seed=32) -> str:
+    """The guide site's ``score_parts`` on one draw from each guide, as a small fixed-width table."""
+    lines = [f"{'has_rsample':12s}{'z.requires_grad':16s}{'log_prob':10s}{'score_function':16s}entropy_term"]
+    pyro.clear_param_store()
+    try:
+        with float64():
+            for reparam in (True, False):
+                _, guide_trace = pyro_traces(make_param_guide(reparam=reparam), x, seed=seed)
+                site = guide_trace.nodes["z"]
+                parts = [float(v.detach()) if torch.is_tensor(v) else v for v in site["score_parts"]]
+                lines.append(
+                    f"{site['fn'].has_rsample!s:12s}{site['value'].requires_grad!s:16s}"
+                    f"{parts[0]:<10.4f}{parts[1]:<16.4g}{parts[2]:.4g}"
+                )
+    finally:
+        pyro.clear_param_store()
+    return "\n".join(lines)
+
+
+def loss_and_surrogate_loss(reparam, x, seed=32) -> tuple[float, float]:
+    """``_differentiable_loss_particle`` on one draw: the values of ``loss`` and ``surrogate_loss``."""
+    pyro.clear_param_store()
+    try:
+        with float64():
+            model_trace, guide_trace = pyro_traces(make_param_guide(reparam=reparam), x, seed=seed)
+            loss, surrogate_loss = Trace_ELBO()._differentiable_loss_particle(model_trace, guide_trace)
+        return float(loss), float(surrogate_loss.detach())
+    finally:
+        pyro.clear_param_store()
 
 
 def pyro_surrogate(guide, x, seed=0):
@@ -561,9 +599,11 @@ register(
         id="surrogate-elbo",
         chapter=CHAPTER,
         label="surrogate-elbo",
-        statement=r"\tilde{\mathcal L} = \log p(x, z) - \sum_{j\ \text{reparam.}} \log q_\lambda(z_j)"
-        r" + \sum_{j\ \text{not reparam.}} \bot\big[\log r\big]\, \log q_\lambda(z_j),"
-        r"\quad \log r = \log p(x, z) - \log q_\lambda(z)",
+        statement=r"\begin{aligned}"
+        r"\mathcal L^{\mathrm{sur}} &= \log p(x, z) - \sum_{j\ \text{reparam.}} \log q_\lambda(z_j) \\"
+        r" &\quad + \sum_{j\ \text{not reparam.}} \bot\big[\log r\big]\, \log q_\lambda(z_j), \\"
+        r" \log r &= \log p(x, z) - \log q_\lambda(z) \quad \text{(no plates, no auxiliary sites).}"
+        r"\end{aligned}",
         numeric=num_surrogate_elbo,
         wrong=("log-r-not-detached", "entropy-term-for-all"),
         summary="the surrogate ELBO of Trace_ELBO._differentiable_loss_particle, value and gradient",
@@ -604,7 +644,7 @@ register(
         chapter=CHAPTER,
         label="differentiable-loss",
         statement=r"\texttt{differentiable\_loss}"
-        r" = \texttt{loss} + \big(-\tilde{\mathcal L} - \bot[-\tilde{\mathcal L}]\big)",
+        r" = \texttt{loss} + \big(-\mathcal L^{\mathrm{sur}} - \bot[-\mathcal L^{\mathrm{sur}}]\big)",
         numeric=num_differentiable_loss,
         wrong=("surrogate-value",),
         summary="differentiable_loss has the value of loss and the gradient of the surrogate",
@@ -612,16 +652,16 @@ register(
 )
 
 
-# (9) Rao-Blackwellization through plates
+# (9) Rao-Blackwellization through (vectorized) plates
 def local_model(x):
-    """n local latents: z_i ~ N(mu0, s0^2), x_i | z_i ~ N(z_i, sigma^2), all inside one plate."""
+    """One local latent per data point: z_n ~ N(mu0, s0^2), x_n | z_n ~ N(z_n, sigma^2), in one vectorized plate."""
     with pyro.plate("data", len(x)):
         z = pyro.sample("z", dist.Normal(t64(C.PRIOR_MEAN), t64(C.PRIOR_SD)))
         pyro.sample("x", dist.Normal(z, t64(C.NOISE_SD)), obs=x)
 
 
 def make_local_guide(n, draws=None):
-    """q(z_i) = N(m_i, s_i^2) inside the plate, not reparameterized; params m, s of length n."""
+    """q(z_n) = N(m_n, s_n^2) inside the vectorized plate, not reparameterized; params m, s of length ``n``."""
 
     def guide(x):
         m = pyro.param("m", torch.full((n,), C.GUIDE_MEAN, dtype=torch.float64))
@@ -635,20 +675,20 @@ def make_local_guide(n, draws=None):
 
 
 def local_log_r(x, z, mean=C.GUIDE_MEAN, sd=C.GUIDE_SD):
-    """Per data point: log p(x_i | z_i) + log p(z_i) - log q(z_i); shape of ``z``."""
+    """Per data point: log r_n = log p(x_n | z_n) + log p(z_n) - log q(z_n); shape of ``z``."""
     prior = Normal(t64(C.PRIOR_MEAN), t64(C.PRIOR_SD)).log_prob(z)
     return Normal(z, t64(C.NOISE_SD)).log_prob(x) + prior - Normal(t64(mean), t64(sd)).log_prob(z)
 
 
 def local_estimates(x, z, rao_blackwell=True):
-    """Score-function estimates for (m_i, s_i): score_i * log r_i, or score_i * sum_j log r_j; shape z.shape+(2,)."""
+    """Score-function estimates for (m_n, s_n): score_n * log r_n, or score_n * sum_j log r_j; shape z.shape+(2,)."""
     lr = local_log_r(x, z)
     weight = lr if rao_blackwell else lr.sum(-1, keepdim=True).expand_as(lr)
     return scores(z, C.GUIDE_MEAN, C.GUIDE_SD) * weight.unsqueeze(-1)
 
 
 def num_rao_blackwell(variant=None):
-    """Pyro's .grad of the local model against -(score_i log r_i) on the same draw."""
+    """Pyro's .grad of the local model against -(score_n log r_n) on the same draw."""
     with float64():
         x, draws = C.data(), []
         _, grads = loss_and_grads(Trace_ELBO(), make_local_guide(len(x), draws), x, model=local_model, seed=34)
@@ -661,13 +701,48 @@ register(
         id="rao-blackwell-plates",
         chapter=CHAPTER,
         label="rao-blackwell-plates",
-        statement=r"-\nabla_{\lambda_i}\texttt{loss} = \nabla_{\lambda_i}\log q_{\lambda_i}(z_i)\,"
-        r"\big(\log p(x_i \mid z_i) + \log p(z_i) - \log q_{\lambda_i}(z_i)\big)",
+        statement=r"\begin{aligned}"
+        r"-\nabla_{\lambda_n}\texttt{loss} &= \nabla_{\lambda_n}\log q_{\lambda_n}(z_n)\,\log r_n, \\"
+        r" \log r_n &= \log p(x_n \mid z_n) + \log p(z_n) - \log q_{\lambda_n}(z_n)."
+        r"\end{aligned}",
         numeric=num_rao_blackwell,
         wrong=("no-rao-blackwell",),
-        summary="inside a plate, log_r.sum_to keeps only the terms of the site's own data point",
+        summary="inside a vectorized plate, log_r.sum_to keeps only the terms of the site's own data point",
     )
 )
+
+
+def sequential_local_model(x):
+    """``local_model`` with a sequential plate, ``for n in pyro.plate(...)``: one site per data point."""
+    for n in pyro.plate("data", len(x)):
+        z = pyro.sample(f"z_{n}", dist.Normal(t64(C.PRIOR_MEAN), t64(C.PRIOR_SD)))
+        pyro.sample(f"x_{n}", dist.Normal(z, t64(C.NOISE_SD)), obs=x[n])
+
+
+def make_sequential_local_guide(n, draws=None):
+    """``make_local_guide`` with a sequential plate; ``draws`` receives the n draws stacked in one tensor."""
+
+    def guide(x):
+        m = pyro.param("m", torch.full((n,), C.GUIDE_MEAN, dtype=torch.float64))
+        s = pyro.param("s", torch.full((n,), C.GUIDE_SD, dtype=torch.float64))
+        z = [pyro.sample(f"z_{i}", dist.Normal(m[i], s[i]).has_rsample_(False)) for i in pyro.plate("data", len(x))]
+        if draws is not None:
+            draws.append(torch.stack(z).detach().clone())
+
+    return guide
+
+
+def sequential_plate_check(rao_blackwell=False, seed=34) -> Numeric:
+    """Pyro's .grad with a *sequential* plate against the estimate with weight log r_n (``rao_blackwell``)
+    or with the whole sum of log r (the default, which is what Pyro computes: ``MultiFrameTensor.add``
+    keeps only vectorized frames, so a sequential plate gives ``sum_to`` nothing to keep apart)."""
+    with float64():
+        x, draws = C.data(), []
+        guide = make_sequential_local_guide(len(x), draws)
+        _, grads = loss_and_grads(Trace_ELBO(), guide, x, model=sequential_local_model, seed=seed)
+        est = local_estimates(x, draws[0], rao_blackwell=rao_blackwell)
+        return exact(flat(grads), -torch.cat([est[:, 0], est[:, 1]]))
+
 
 RB_DRAWS = 20_000
 
@@ -751,14 +826,28 @@ register(
         id="score-at-posterior",
         chapter=CHAPTER,
         label="score-at-posterior",
-        statement=r"q_\lambda(z) = p(z \mid x) \implies"
-        r" -\nabla_\lambda\texttt{loss} = -\nabla_\lambda \log q_\lambda(z)\big|_{z\ \text{fixed}},"
-        r"\quad z = m + s\epsilon",
+        statement=r"\begin{aligned}"
+        r"q_\lambda(z) = p(z \mid x) \implies"
+        r" -\nabla_\lambda\texttt{loss} &= -\nabla_\lambda \log q_\lambda(z)\big|_{z\ \text{fixed}}, \\"
+        r" z &= m + s\varepsilon."
+        r"\end{aligned}",
         numeric=num_score_at_posterior,
         wrong=("sticks-the-landing",),
         summary="at the optimum the reparameterized estimator is exactly the zero-mean score term, so it is not 0",
     )
 )
+
+
+def stl_comment_branch() -> str:
+    """Which branch of the installed ``Distribution.score_parts`` holds the "Sticking the Landing" comment.
+
+    Returns ``"reparameterized"`` (``if self.has_rsample:``) or ``"not reparameterized"`` (``else:``).
+    """
+    src = inspect.getsource(pyro.distributions.Distribution.score_parts)
+    if "if self.has_rsample:" not in src or "Sticking the Landing" not in src:
+        raise ValueError("stl_comment_branch(): the installed Distribution.score_parts has changed; read it again")
+    reparam_branch, other_branch = src.split("if self.has_rsample:", 1)[1].split("else:", 1)
+    return "reparameterized" if "Sticking the Landing" in reparam_branch else "not reparameterized"
 
 
 # ------------------------------------------------------ variance against particles
