@@ -39,7 +39,7 @@ def test_gaussian_log_likelihood_at_one_pixel_is_the_normal_log_density():
 
 
 def test_laplace_log_likelihood_at_one_pixel_is_the_laplace_log_density():
-    one = L.laplace_log_likelihood().subs({L.n_pix: 1, L.abs_norm: sp.Rational(3, 10), L.b: sp.Rational(1, 2)})
+    one = L.laplace_log_likelihood().subs({L.n_pix: 1, L.abs_norm: sp.Rational(3, 10), L.kappa: sp.Rational(1, 2)})
     expected = float(torch.distributions.Laplace(t64(0.0), t64(0.5)).log_prob(t64(-0.3)))
     assert float(one) == pytest.approx(expected, rel=1e-12)
 
@@ -166,3 +166,16 @@ def test_checks_are_deterministic():
         a, b = IDENTITIES[iid].numeric(None), IDENTITIES[iid].numeric(None)
         assert (a.lhs, a.rhs) == (b.lhs, b.rhs)
         assert math.isfinite(a.lhs)
+
+
+def _displayed_equations() -> dict:
+    """label -> the LaTeX of the labelled display in the chapter, without spaces and the final period."""
+    pattern = r"^\$\$\n((?:(?!^\$\$).)*?)^\$\$ \(([a-z0-9-]+)\)$"
+    blocks = re.findall(pattern, CHAPTER_FILE.read_text(), re.M | re.S)
+    return {label: re.sub(r"\s+", "", body).rstrip(".") for body, label in blocks}
+
+
+@pytest.mark.parametrize("iid", IDS)
+def test_registered_statement_is_the_displayed_equation(iid):
+    identity = IDENTITIES[iid]
+    assert re.sub(r"\s+", "", identity.statement).rstrip(".") == _displayed_equations()[identity.label]

@@ -209,8 +209,10 @@ register(
         id="denoising-loss-terms",
         chapter=CHAPTER,
         label="denoising-loss-terms",
-        statement=r"\texttt{Trace\_ELBO().loss} = \frac{\lVert x - z\rVert^2}{2\sigma^2} + \frac D2\log(2\pi\sigma^2)"
-        r" - \log p(z) + \log q(z),\quad z \sim q",
+        statement=r"\begin{aligned}"
+        r"\texttt{Trace\_ELBO().loss} &= \frac{\lVert x - z\rVert^2}{2\sigma^2} + \frac D2\log(2\pi\sigma^2) \\"
+        r" &\quad - \log p(z) + \log q(z),\qquad z \sim q"
+        r"\end{aligned}",
         numeric=num_denoising_loss_terms,
         wrong=("l2-minus-sign", "missing-guide-term"),
         summary="the denoiser's loss: the L2 enters with a plus sign, the prior and guide terms follow",

@@ -32,7 +32,7 @@ CHAPTER = "likelihoods-as-losses"
 u = sp.Symbol("u", real=True)  #: u = x_d - mu_d, the residual of one pixel
 mu = sp.Symbol("mu", real=True)
 sigma = sp.Symbol("sigma", positive=True)
-b = sp.Symbol("kappa", positive=True)  #: the Laplace scale, kappa in the book
+kappa = sp.Symbol("kappa", positive=True)  #: the Laplace scale
 n_pix = sp.Symbol("D", positive=True, integer=True)
 sq_norm = sp.Symbol(r"\lVert x-\mu\rVert^2", positive=True)  #: sum_d (x_d - mu_d)^2
 abs_norm = sp.Symbol(r"\lVert x-\mu\rVert_1", positive=True)  #: sum_d |x_d - mu_d|
@@ -65,8 +65,8 @@ def gaussian_log_likelihood():
 
 
 def laplace_log_likelihood():
-    r"""sum_d log Laplace(x_d; mu_d, b) as a function of ||x - mu||_1, D and b (derived)."""
-    return sum_over_pixels(pixel_log_density(st.Laplace("X", mu, b)), sp.Abs(u), abs_norm)
+    r"""sum_d log Laplace(x_d; mu_d, kappa) as a function of ||x - mu||_1, D and kappa (derived)."""
+    return sum_over_pixels(pixel_log_density(st.Laplace("X", mu, kappa)), sp.Abs(u), abs_norm)
 
 
 def gaussian_constant():
@@ -265,8 +265,10 @@ register(
         id="gaussian-sigma-mle",
         chapter=CHAPTER,
         label="gaussian-sigma-mle",
-        statement=r"\hat\sigma^2 = \arg\max_{\sigma^2} \log p(x \mid z) = \frac{\lVert x - \mu\rVert^2}{D}"
-        r' = \texttt{mse\_loss(mu, x, reduction="mean")}',
+        statement=r"\begin{aligned}"
+        r"\hat\sigma^2 &= \arg\max_{\sigma^2} \log p(x \mid z) = \frac{\lVert x - \mu\rVert^2}{D} \\"
+        r' &= \texttt{mse\_loss(mu, x, reduction="mean")}'
+        r"\end{aligned}",
         symbolic=sym_sigma_mle,
         numeric=num_sigma_mle,
         wrong=("sigma-not-squared",),
@@ -349,8 +351,11 @@ register(
         id="mse-mean-as-beta",
         chapter=CHAPTER,
         label="mse-mean-as-beta",
-        statement=r"\frac{\lVert x - \mu\rVert^2}{D} + \mathrm{KL} = \frac{2\sigma^2}{D}\Big(-\log p(x \mid z)"
-        r" - \frac D2\log(2\pi\sigma^2) + \beta\,\mathrm{KL}\Big),\quad \beta = \frac{D}{2\sigma^2}",
+        statement=r"\begin{aligned}"
+        r"\frac{\lVert x - \mu\rVert^2}{D} + \mathrm{KL}"
+        r" &= \frac{2\sigma^2}{D}\Big(-\log p(x \mid z) - \frac D2\log(2\pi\sigma^2) \\"
+        r" &\qquad\qquad + \beta\,\mathrm{KL}\Big),\qquad \beta = \frac{D}{2\sigma^2}"
+        r"\end{aligned}",
         symbolic=sym_mse_mean,
         numeric=num_mse_mean,
         wrong=("beta-one",),
@@ -419,8 +424,11 @@ register(
         id="bernoulli-to-bce",
         chapter=CHAPTER,
         label="bernoulli-to-bce",
-        statement=r"\sum_{d=1}^{D} \log \mathrm{Bernoulli}(x_d;\ p_d) = \sum_{d=1}^{D} \big(x_d \log p_d"
-        r' + (1 - x_d)\log(1 - p_d)\big) = -\texttt{binary\_cross\_entropy(p, x, reduction="sum")}',
+        statement=r"\begin{aligned}"
+        r"&\sum_{d=1}^{D} \log \mathrm{Bernoulli}(x_d;\ p_d) \\"
+        r" &\quad= \sum_{d=1}^{D} \big(x_d \log p_d + (1 - x_d)\log(1 - p_d)\big) \\"
+        r' &\quad= -\texttt{binary\_cross\_entropy(p, x, reduction="sum")}'
+        r"\end{aligned}",
         symbolic=sym_bernoulli,
         numeric=num_bernoulli,
         wrong=("mean-reduction",),
@@ -435,8 +443,8 @@ LAPLACE_SCALE = 0.15
 
 
 def sym_laplace(variant=None):
-    const = 0 if variant == "missing-constant" else n_pix * sp.log(2 * b)
-    return laplace_log_likelihood() - (-abs_norm / b - const)
+    const = 0 if variant == "missing-constant" else n_pix * sp.log(2 * kappa)
+    return laplace_log_likelihood() - (-abs_norm / kappa - const)
 
 
 def num_laplace(variant=None):
@@ -457,7 +465,7 @@ register(
         symbolic=sym_laplace,
         numeric=num_laplace,
         wrong=("missing-constant",),
-        summary="a Laplace observe statement scores minus the L1 over b, minus a constant",
+        summary="a Laplace observe statement scores minus the L1 over kappa, minus a constant",
     )
 )
 
@@ -513,8 +521,10 @@ register(
         id="categorical-to-cross-entropy",
         chapter=CHAPTER,
         label="categorical-to-cross-entropy",
-        statement=r"\sum_{n=1}^{N} \log \mathrm{Categorical}\big(y_n;\ \mathrm{softmax}(\ell_n)\big)"
-        r' = -\texttt{cross\_entropy(l, y, reduction="sum")}',
+        statement=r"\begin{aligned}"
+        r"&\sum_{n=1}^{N} \log \mathrm{Categorical}\big(y_n;\ \mathrm{softmax}(\ell_n)\big) \\"
+        r' &\quad= -\texttt{cross\_entropy(l, y, reduction="sum")}'
+        r"\end{aligned}",
         symbolic=sym_categorical,
         numeric=num_categorical,
         wrong=("mean-reduction",),
