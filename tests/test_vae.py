@@ -193,3 +193,63 @@ def test_decoded_samples_are_probabilities():
 def test_time_particles_reports_both_modes_without_asserting_speed(x):
     t = V.time_particles(particles=2, n=10, repeats=1)
     assert set(t) == {"sequential", "vectorized"} and all(v > 0 for v in t.values())
+
+
+def _displays(text):
+    """{label: LaTeX} of the labelled display equations of a MyST chapter."""
+    import re
+
+    pattern = re.compile(r"^\$\$\n(.*?)^\$\$ \(([a-z0-9-]+)\)$", re.S | re.M)
+    return {label: body for body, label in pattern.findall(text)}
+
+
+def test_every_displayed_identity_is_its_registered_statement():
+    """The chapter's displays and the registered statements (public: the ledger shows them) stay in sync."""
+    from pathlib import Path
+
+    from elbo_terms.identity import IDENTITIES
+
+    text = (Path(__file__).resolve().parent.parent / "book" / "vae-bridge.md").read_text()
+    shown = _displays(text)
+    ours = {i.label: i.statement for i in IDENTITIES.values() if i.chapter == V.CHAPTER}
+    assert set(shown) == set(ours)
+    for label, statement in ours.items():
+        assert "".join(shown[label].split()) == "".join(statement.split()), label
+
+
+def test_mean_field_behaviour_is_what_the_chapter_says():
+    """TraceMeanField_ELBO: site-order warning, reparameterization check, auxiliary assert, KL fallback."""
+    out = {case: (tr, mf) for case, tr, mf in V.mean_field_behaviour()}
+    assert all(tr["error"] is None for tr, _ in out.values())  # Trace_ELBO computes every program
+    tr, mf = out["guide samples b before a"]
+    assert mf["error"] is None and any("mean field" in msg for _, msg in mf["warnings"])
+    assert not tr["warnings"]
+    assert out["Bernoulli latent"][1]["error"].startswith("NotImplementedError: All distributions in the guide")
+    assert out["Bernoulli latent, validation off"][1]["error"] is None
+    tr, mf = out["guide-only u, marked auxiliary"]
+    assert mf["error"] is None and not tr["warnings"] and not mf["warnings"]
+    tr, mf = out["guide-only u, not marked"]
+    assert mf["error"] == "AssertionError" and any("non-auxiliary" in msg for _, msg in tr["warnings"])
+    tr, mf = out["guide-only u, not marked, validation off"]
+    assert mf["error"] == "AssertionError" and not tr["warnings"]
+    tr, mf = out["model StudentT: no KL registered"]
+    assert mf["value"] == pytest.approx(tr["value"], rel=1e-12)  # the per-site fallback is Trace_ELBO's term
+
+
+def test_describe_outcome_and_tables_are_short():
+    assert V.describe_outcome({"value": 1.5, "error": None, "warnings": []}) == "1.5000"
+    outcome = {"value": None, "error": "E: " + "x" * 200, "warnings": [("W", "y" * 200)]}
+    text = V.describe_outcome(outcome, width=20, warning_width=20)
+    assert all(len(part) <= 20 for part in text.split("; "))
+    assert V.html_table(["a", "b"], [[1, 2]]).count("<td ") == 2
+    assert "nowrap" in V.html_table(["a"], [[1]], nowrap=True) and "nowrap" not in V.html_table(["a"], [[1]])
+
+
+def test_site_columns_show_the_plate_scale(x):
+    from elbo_terms import decompose
+
+    vae = V.build_vae()
+    with V.private_param_store(), seeded(18):
+        d = decompose(V.make_model(vae), V.make_guide(vae), x, batch_size=V.BATCH)
+    html = V.site_columns(d)
+    assert html.count("<tr>") == 3 and f"{len(x) / V.BATCH:.4g} / {len(x) / V.BATCH:.4g}" in html

@@ -280,8 +280,11 @@ register(
         id="vae-loss-monte-carlo-kl",
         chapter=CHAPTER,
         label="vae-loss-monte-carlo-kl",
-        statement=r"\texttt{Trace\_ELBO().loss} = \sum_{n,d} \mathrm{BCE}\big(x_{nd}, \mathrm{sigmoid}(\ell_{nd})\big)"
-        r" + \sum_n \big[\log q(z_n \mid x_n) - \log p(z_n)\big],\quad z_n = m_n + s_n \odot \varepsilon_n",
+        statement=r"\begin{aligned}"
+        r"\texttt{Trace\_ELBO().loss} &= \sum_{n,d} \mathrm{BCE}\big(x_{nd}, \mathrm{sigmoid}(\ell_{nd})\big)\\"
+        r" &\quad + \sum_n \big[\log q(z_n \mid x_n) - \log p(z_n)\big],\\"
+        r"z_n &= m_n + s_n \odot \varepsilon_n"
+        r"\end{aligned}",
         symbolic=sym_loss_monte_carlo_kl,
         numeric=num_loss_monte_carlo_kl,
         wrong=("flipped-kl-sign", "closed-form-kl"),
@@ -318,15 +321,150 @@ register(
         id="vae-loss-closed-form-kl",
         chapter=CHAPTER,
         label="vae-loss-closed-form-kl",
-        statement=r"\texttt{TraceMeanField\_ELBO().loss} = "
-        r"\sum_{n,d} \mathrm{BCE}\big(x_{nd}, \mathrm{sigmoid}(\ell_{nd})\big)"
-        r" - \tfrac12 \sum_{n,j} \big(1 + \log s_{nj}^2 - m_{nj}^2 - s_{nj}^2\big)",
+        statement=r"\begin{aligned}"
+        r"\texttt{TraceMeanField\_ELBO().loss} &= "
+        r"\sum_{n,d} \mathrm{BCE}\big(x_{nd}, \mathrm{sigmoid}(\ell_{nd})\big)\\"
+        r" &\quad - \tfrac12 \sum_{n,j} \big(1 + \log s_{nj}^2 - m_{nj}^2 - s_{nj}^2\big)"
+        r"\end{aligned}",
         symbolic=sym_loss_closed_form_kl,
         numeric=num_loss_closed_form_kl,
         wrong=("kl-missing-one", "flipped-kl-sign"),
         summary="TraceMeanField_ELBO's loss on a VAE is the standard PyTorch VAE loss, BCE(sum) + KL",
     )
 )
+
+
+# ------------------------------------------------ what TraceMeanField_ELBO checks
+def _observe(z):
+    pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+
+
+def toy_model_two_latents():
+    """a, b ~ N(0, 1); x ~ N(a + b, 1) observed."""
+    _observe(pyro.sample("a", dist.Normal(0.0, 1.0)) + pyro.sample("b", dist.Normal(0.0, 1.0)))
+
+
+def toy_guide_reversed():
+    """Normal guide sites for b, then a: the model's order reversed."""
+    pyro.sample("b", dist.Normal(0.3, 0.8))
+    pyro.sample("a", dist.Normal(0.3, 0.8))
+
+
+def toy_model_bernoulli():
+    """c ~ Bernoulli(1/2); x ~ N(c, 1) observed."""
+    _observe(pyro.sample("c", dist.Bernoulli(0.5)))
+
+
+def toy_guide_bernoulli():
+    """A Bernoulli guide site: not reparameterizable, yet torch knows KL(Bernoulli || Bernoulli)."""
+    pyro.sample("c", dist.Bernoulli(0.3))
+
+
+def toy_model_normal():
+    """z ~ N(0, 1); x ~ N(z, 1) observed."""
+    _observe(pyro.sample("z", dist.Normal(0.0, 1.0)))
+
+
+def toy_model_student():
+    """z ~ StudentT(3); x ~ N(z, 1) observed: torch has no KL(Normal || StudentT)."""
+    _observe(pyro.sample("z", dist.StudentT(3.0, 0.0, 1.0)))
+
+
+def toy_guide_normal():
+    pyro.sample("z", dist.Normal(0.3, 0.8))
+
+
+def toy_guide_with_extra_site(marked):
+    """A guide-only site u (the model has none), marked auxiliary or not, and z depending on u."""
+
+    def guide():
+        u = pyro.sample("u", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True} if marked else {})
+        pyro.sample("z", dist.Normal(0.3 + 0.1 * u, 0.8))
+
+    return guide
+
+
+#: (case, model, guide, validation) -- the programs of :func:`mean_field_behaviour`
+MEAN_FIELD_CASES = (
+    ("guide samples b before a", toy_model_two_latents, toy_guide_reversed, True),
+    ("Bernoulli latent", toy_model_bernoulli, toy_guide_bernoulli, True),
+    ("Bernoulli latent, validation off", toy_model_bernoulli, toy_guide_bernoulli, False),
+    ("guide-only u, marked auxiliary", toy_model_normal, toy_guide_with_extra_site(True), True),
+    ("guide-only u, not marked", toy_model_normal, toy_guide_with_extra_site(False), True),
+    ("guide-only u, not marked, validation off", toy_model_normal, toy_guide_with_extra_site(False), False),
+    ("model StudentT: no KL registered", toy_model_student, toy_guide_normal, True),
+)
+
+
+def run_loss(elbo, model, guide, validation=True, seed=26) -> dict:
+    """``elbo.loss(model, guide)`` on a private stream: ``value`` (or None), ``error`` and ``warnings``.
+
+    ``error`` is ``"ExceptionType: message"`` when the loss raised; ``warnings`` lists the
+    ``(category name, message)`` of the warnings it issued.
+    """
+    import warnings
+
+    out = {"value": None, "error": None, "warnings": []}
+    with float64(), private_param_store(), seeded(seed), pyro.validation_enabled(validation):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                out["value"] = float(elbo.loss(model, guide))
+            except (AssertionError, NotImplementedError, ValueError) as err:
+                out["error"] = f"{type(err).__name__}: {err}".rstrip(": ")
+    out["warnings"] = [(w.category.__name__, str(w.message)) for w in caught]
+    return out
+
+
+def mean_field_behaviour(cases=MEAN_FIELD_CASES) -> list:
+    """For each toy program: ``(case, Trace_ELBO result, TraceMeanField_ELBO result)`` (see :func:`run_loss`)."""
+    return [
+        (case, run_loss(Trace_ELBO(), m, g, v), run_loss(TraceMeanField_ELBO(), m, g, v)) for case, m, g, v in cases
+    ]
+
+
+def describe_outcome(result, width=90, warning_width=50) -> str:
+    """A short text for a :func:`run_loss` result: the value or the error, and the first words of each warning."""
+
+    def short(text, n):
+        text = " ".join(text.split())
+        return text if len(text) <= n else text[: n - 1].rstrip() + "…"
+
+    bits = [f"{result['value']:.4f}" if result["error"] is None else short(result["error"], width)]
+    bits += [short(f"{cat}: {msg}", warning_width) for cat, msg in result["warnings"]]
+    return "; ".join(bits)
+
+
+def html_table(header, rows, nowrap=False) -> str:
+    """A small HTML table (header cells and rows of cells, already formatted as text or HTML).
+
+    ``nowrap=True`` keeps every data cell on one line (for short numbers).
+    """
+    style = "padding: 0.15em 0.7em; vertical-align: top;" + (" white-space: nowrap;" if nowrap else "")
+    head = "".join(f'<th style="{style}">{h}</th>' for h in header)
+    body = "".join("<tr>" + "".join(f'<td style="{style}">{c}</td>' for c in row) + "</tr>" for row in rows)
+    return f'<table class="vae-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def site_columns(terms) -> str:
+    """A narrow HTML table of a ``decompose`` result's sites: name, role, scale in model / guide, log p, log q."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.1f}" if abs(v) >= 1000 else f"{v:.4g}"
+        return "–" if v is None else str(v)
+
+    rows = [
+        [
+            f"<code>{r.name}</code>",
+            r.role,
+            fmt(r.scale) + ("" if r.guide_scale is None else " / " + fmt(r.guide_scale)),
+            fmt(r.log_p),
+            fmt(r.log_q),
+        ]
+        for r in terms.sites
+    ]
+    return html_table(["site", "role", "scale p / q", "log p", "log q"], rows, nowrap=True)
 
 
 def flat_grads(module) -> torch.Tensor:
@@ -371,10 +509,12 @@ register(
         id="vae-gradients-equal",
         chapter=CHAPTER,
         label="vae-gradients-equal",
-        statement=r"\nabla_{\theta,\phi}\,\texttt{Trace\_ELBO} = "
-        r"\nabla_{\theta,\phi}\big(\mathrm{BCE} + \widehat{\mathrm{KL}}\big),"
-        r"\quad \nabla_{\theta,\phi}\,\texttt{TraceMeanField\_ELBO} = "
-        r"\nabla_{\theta,\phi}\big(\mathrm{BCE} + \mathrm{KL}\big)",
+        statement=r"\begin{aligned}"
+        r"\nabla_{\theta,\phi}\,\texttt{Trace\_ELBO} &= "
+        r"\nabla_{\theta,\phi}\big(\mathrm{BCE} + \widehat{\mathrm{KL}}\big),\\"
+        r"\nabla_{\theta,\phi}\,\texttt{TraceMeanField\_ELBO} &= "
+        r"\nabla_{\theta,\phi}\big(\mathrm{BCE} + \mathrm{KL}\big)"
+        r"\end{aligned}",
         numeric=num_gradients,
         wrong=("kl-detached", "mean-reduced"),
         summary="the gradients Pyro's ELBOs give the VAE's weights are those of the two PyTorch losses",
@@ -404,8 +544,10 @@ register(
         id="vae-mean-reduced-loss",
         chapter=CHAPTER,
         label="vae-mean-reduced-loss",
-        statement=r"\tfrac{1}{ND}\sum_{n,d}\mathrm{BCE}_{nd} + \tfrac1N\sum_n \mathrm{KL}_n"
-        r" = \tfrac{1}{ND}\,\big[\texttt{TraceMeanField\_ELBO().loss with } \beta = D\big]",
+        statement=r"\begin{aligned}"
+        r"&\tfrac{1}{ND}\sum_{n,d}\mathrm{BCE}_{nd} + \tfrac1N\sum_n \mathrm{KL}_n\\"
+        r"&\qquad = \tfrac{1}{ND}\,\big[\texttt{TraceMeanField\_ELBO().loss with } \beta = D\big]"
+        r"\end{aligned}",
         numeric=num_mean_reduced,
         wrong=("beta-one",),
         summary="a per-pixel mean BCE plus a per-example KL is a beta-VAE with beta = D, scaled by 1/(ND)",
@@ -522,8 +664,11 @@ register(
         id="vae-subsample-scaling",
         chapter=CHAPTER,
         label="vae-subsample-scaling",
-        statement=r"\texttt{Trace\_ELBO().loss} = \frac{N}{B}\sum_{n \in I}\Big[\sum_d \mathrm{BCE}_{nd}"
-        r" + \log q(z_n \mid x_n) - \log p(z_n)\Big],\quad I = \text{the plate's random batch of } B",
+        statement=r"\begin{aligned}"
+        r"\texttt{Trace\_ELBO().loss} &= \frac{N}{B}\sum_{n \in \mathcal I}\Big[\sum_d \mathrm{BCE}_{nd}"
+        r" + \log q(z_n \mid x_n) - \log p(z_n)\Big],\\"
+        r"\mathcal I &= \text{the plate's random batch of } B \text{ indices}"
+        r"\end{aligned}",
         numeric=num_subsample_scaling,
         wrong=("no-rescaling",),
         summary="plate subsampling multiplies the batch's reconstruction and local KL by N/B",
@@ -570,8 +715,10 @@ register(
         id="vae-subsample-unbiased",
         chapter=CHAPTER,
         label="vae-subsample-unbiased",
-        statement=r"\mathbb E_{I,\varepsilon}\big[\texttt{Trace\_ELBO().loss with subsample\_size=}B\big]"
-        r" = \mathbb E_{\varepsilon}\big[\texttt{Trace\_ELBO().loss on all } N\big]",
+        statement=r"\begin{aligned}"
+        r"&\mathbb E_{\mathcal I,\varepsilon}\big[\texttt{Trace\_ELBO().loss with subsample\_size=}B\big]\\"
+        r"&\qquad = \mathbb E_{\varepsilon}\big[\texttt{Trace\_ELBO().loss on all } N\big]"
+        r"\end{aligned}",
         numeric=num_subsample_unbiased,
         wrong=("no-rescaling",),
         summary="averaged over Pyro's random batches, the rescaled minibatch loss is the full-data loss",
@@ -605,9 +752,11 @@ register(
         id="vae-beta-both-sides",
         chapter=CHAPTER,
         label="vae-beta-both-sides",
-        statement=r"\texttt{poutine.scale}(\beta) \text{ on } z \text{ in model and guide:}\quad"
-        r"\texttt{Trace\_ELBO} = \mathrm{BCE} + \beta\,\widehat{\mathrm{KL}},\quad"
-        r"\texttt{TraceMeanField\_ELBO} = \mathrm{BCE} + \beta\,\mathrm{KL}",
+        statement=r"\begin{aligned}"
+        r"&\texttt{poutine.scale}(\beta) \text{ on } z \text{ in the model and in the guide:}\\"
+        r"&\qquad \texttt{Trace\_ELBO} = \mathrm{BCE} + \beta\,\widehat{\mathrm{KL}},\\"
+        r"&\qquad \texttt{TraceMeanField\_ELBO} = \mathrm{BCE} + \beta\,\mathrm{KL}"
+        r"\end{aligned}",
         numeric=num_beta_both,
         wrong=("model-only", "guide-only"),
         summary="scaling the latent site by beta in both programs gives the beta-VAE loss",
@@ -649,12 +798,12 @@ register(
         chapter=CHAPTER,
         label="vae-beta-one-sided",
         statement=r"\begin{aligned}"
-        r"\text{model only:}\ & \texttt{Trace\_ELBO} = \mathrm{BCE} + \log q - \beta\log p,"
-        r" && \mathbb E_q[\cdot] = -\mathrm{rec} + \beta\,\mathrm{KL} - (1-\beta)\,\mathrm H[q],\\"
-        r" & \texttt{TraceMeanField\_ELBO} = \mathrm{BCE} + \mathrm{KL},\\"
-        r"\text{guide only:}\ & \texttt{Trace\_ELBO} = \mathrm{BCE} + \beta\log q - \log p,"
-        r" && \mathbb E_q[\cdot] = -\mathrm{rec} + \beta\,\mathrm{KL} + (1-\beta)\,\mathrm H[q, p],\\"
-        r" & \texttt{TraceMeanField\_ELBO} = \mathrm{BCE} + \beta\,\mathrm{KL}"
+        r"\text{model only:}\quad \texttt{Trace\_ELBO} &= \mathrm{BCE} + \log q - \beta\log p,\\"
+        r"\mathbb E_q[\texttt{Trace\_ELBO}] &= -\mathrm{rec} + \beta\,\mathrm{KL} - (1-\beta)\,\mathrm H[q],\\"
+        r"\texttt{TraceMeanField\_ELBO} &= \mathrm{BCE} + \mathrm{KL};\\[6pt]"
+        r"\text{guide only:}\quad \texttt{Trace\_ELBO} &= \mathrm{BCE} + \beta\log q - \log p,\\"
+        r"\mathbb E_q[\texttt{Trace\_ELBO}] &= -\mathrm{rec} + \beta\,\mathrm{KL} + (1-\beta)\,\mathrm H[q, p],\\"
+        r"\texttt{TraceMeanField\_ELBO} &= \mathrm{BCE} + \beta\,\mathrm{KL}"
         r"\end{aligned}",
         symbolic=sym_beta_one_sided,
         numeric=num_beta_one_sided,
@@ -704,9 +853,11 @@ register(
         id="vae-particles-average",
         chapter=CHAPTER,
         label="vae-particles-average",
-        statement=r"\texttt{Trace\_ELBO(num\_particles=}S\texttt{).loss} = \frac1S\sum_{s=1}^S"
-        r"\Big[\mathrm{BCE}^{(s)} + \log q(z^{(s)}) - \log p(z^{(s)})\Big]\quad"
-        r"\text{with or without }\texttt{vectorize\_particles}",
+        statement=r"\begin{aligned}"
+        r"\texttt{loss}_S &= \frac1S\sum_{k=1}^S"
+        r"\Big[\mathrm{BCE}^{(k)} + \log q(z^{(k)}) - \log p(z^{(k)})\Big]\\"
+        r"&\quad \text{with or without } \texttt{vectorize\_particles}"
+        r"\end{aligned}",
         numeric=num_particles,
         wrong=("sum-over-particles",),
         summary="num_particles averages S single-draw losses, drawn one by one or as one block",
