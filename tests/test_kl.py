@@ -154,3 +154,57 @@ def test_checks_leave_no_global_state_changed():
         assert IDENTITIES[ident].numeric(None).passed
     assert torch.get_default_dtype() == dtype
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+# ------------------------------------------------- the guide's log q at a reparameterized draw
+def test_log_q_at_a_reparameterized_draw_has_variance_one_half():
+    f = K.log_q_at_reparameterized_draw()
+    assert proves_zero(f - (-sp.log(K.s) - sp.log(2 * sp.pi) / 2 - K.eps**2 / 2))
+    assert K.log_q_variance() == sp.Rational(1, 2)
+    assert not f.has(K.m)  # nothing of the guide's mean is left
+
+
+def test_log_q_variance_measurements_are_independent_and_near_one_half():
+    """Different seeds: two real measurements (the same seed would give equal numbers by construction)."""
+    narrow = K.log_q_variance_measured(0.1, mean=0.6, seed=71)
+    wide = K.log_q_variance_measured(0.4, mean=0.3, seed=72)
+    assert narrow != pytest.approx(wide, rel=1e-6)
+    # the sample variance of eps^2/2 over 20000 draws has a standard error of about 0.013
+    for v in (narrow, wide):
+        assert abs(v - 0.5) < 5 * 0.0133
+    # with the same seed the eps draws coincide and so do the variances, whatever s
+    assert K.log_q_variance_measured(0.1, seed=5) == pytest.approx(K.log_q_variance_measured(0.4, seed=5), rel=1e-9)
+
+
+# ------------------------------------------------------------------ displays
+@pytest.mark.parametrize(
+    "ident",
+    [
+        "elbo-reconstruction-kl",
+        "gaussian-kl-general",
+        "gaussian-kl-closed-form",
+        "kl-as-expectation",
+        "trace-elbo-estimator-a",
+        "trace-mean-field-estimator-b",
+    ],
+)
+def test_registered_statement_is_the_displayed_equation(ident):
+    import re
+    from pathlib import Path
+
+    identity = IDENTITIES[ident]
+    text = (Path(__file__).resolve().parent.parent / "book" / f"{identity.chapter}.md").read_text()
+    match = re.search(r"^\$\$\n((?:(?!^\$\$).)*?)^\$\$ \(" + re.escape(identity.label) + r"\)$", text, re.S | re.M)
+    assert match, ident
+    assert "".join(identity.statement.split()) == "".join(match.group(1).split())
+
+
+def test_aevb_equation_numbers_in_the_module():
+    doc = K.__doc__
+    assert "estimator A (eq. (6))" in doc and "estimator B (eq. (7))" in doc
+    assert "eq. 8" not in doc and "eq. (8)" not in doc
+
+
+def test_grouped_reconstruction_is_the_integral():
+    assert proves_zero(K.expected_log_likelihood_by_integration() - K.expected_log_likelihood_grouped())
+    assert not proves_zero(K.expected_log_likelihood_by_integration() - K.expected_log_likelihood_grouped() + K.s**2)

@@ -155,3 +155,53 @@ def test_a_drifted_pyro_fails_verify_as_the_build_would(monkeypatch):
         T.check_source()
     with pytest.raises(IdentityFailed, match="trace-elbo-source-drift"):
         verify("trace-elbo-source-drift")
+
+
+# ------------------------------------------------------------ displays and tables
+def _displayed(chapter, label):
+    """The LaTeX of the ``$$ ... $$ (label)`` display in book/<chapter>.md, without whitespace."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "book" / f"{chapter}.md").read_text()
+    match = re.search(r"^\$\$\n((?:(?!^\$\$).)*?)^\$\$ \(" + re.escape(label) + r"\)$", text, re.S | re.M)
+    assert match, f"no display labelled {label} in {chapter}.md"
+    return "".join(match.group(1).split())
+
+
+@pytest.mark.parametrize("ident", ["trace-elbo-loss-by-sites", "svi-step-value"])
+def test_registered_statement_is_the_displayed_equation(ident):
+    identity = IDENTITIES[ident]
+    assert "".join(identity.statement.split()) == _displayed(identity.chapter, identity.label)
+
+
+def test_particles_are_indexed_by_k_and_no_lognormal_parameter_is_called_b():
+    assert "z^{(s)}" not in T.LOSS_BY_SITES and "z^{(k)}" in T.LOSS_BY_SITES
+    with float64(), T.fresh_param_store():
+        T.guide(C.data())
+        assert set(pyro.get_param_store().keys()) == {"m", "s", "m_sigma", "s_sigma"}
+
+
+def test_site_table_is_narrow_and_labels_sign_and_trace():
+    with float64(), T.fresh_param_store():
+        pairs = T.traces(T.model, T.guide, C.data(), particles=4, seed=11)
+    lines = T.site_table(pairs).splitlines()
+    assert lines[0] == "| site | $k=1$ | $k=2$ | $k=3$ | $k=4$ | mean |"
+    assert all(line.count("|") == 7 for line in lines)
+    assert "| + model `x` (obs.) |" in T.site_table(pairs)
+    assert "| − guide `z` |" in T.site_table(pairs)
+
+
+def test_decompose_tables_show_the_chosen_columns():
+    from elbo_terms import decompose
+
+    with float64(), T.fresh_param_store(), seeded(11):
+        terms = decompose(T.model, T.guide, C.data(), num_particles=T.PARTICLES)
+    sites = T.sites_table(terms.sites.to_records()).splitlines()
+    assert sites[0].startswith("| site | role | $\\log p$ | $\\log q$ |")
+    assert len(sites) == 2 + len(terms.sites)
+    assert sites[-1].startswith("| `x` | observed |") and sites[-1].endswith("| – | – |")
+    summary = T.terms_table(terms)
+    assert f"| `loss` | {terms.loss:.4f} |" in summary
+    with pytest.raises(KeyError, match="no column"):
+        T.sites_table(terms.sites.to_records(), {"name": "site", "nonsense": "x"})

@@ -4,12 +4,12 @@ Since ``log p(x, z) = log p(x | z) + log p(z)``, the ELBO of BBVI eq. (1) regrou
 
     L = E_q[log p(x | z)] - KL(q(z) || p(z))                           (AEVB eq. (3))
 
-Pyro has two estimators of the same L, on the same draws z^(s) ~ q:
+Pyro has two estimators of the same L, on the same draws z^(k) ~ q, k = 1..S:
 
-* ``Trace_ELBO``: (1/S) sum_s [log p(x | z^(s)) + log p(z^(s)) - log q(z^(s))]
-  -- AEVB's estimator A (eq. 7); the KL is never computed, only sampled;
-* ``TraceMeanField_ELBO``: (1/S) sum_s log p(x | z^(s)) - KL(q || p), the KL in closed
-  form where torch has one -- AEVB's estimator B (eq. 8).
+* ``Trace_ELBO``: (1/S) sum_k [log p(x | z^(k)) + log p(z^(k)) - log q(z^(k))]
+  -- AEVB's estimator A (eq. (6)); the KL is never computed, only sampled;
+* ``TraceMeanField_ELBO``: (1/S) sum_k log p(x | z^(k)) - KL(q || p), the KL in closed
+  form where torch has one -- AEVB's estimator B (eq. (7)).
 
 The running example is the chapter-1 model (:mod:`elbo_terms.conjugate`), whose prior is
 N(0, 1) and whose guide is N(m, s^2). AEVB writes mu, sigma for the guide's m, s; the book
@@ -68,11 +68,49 @@ def expected_log_likelihood_by_integration():
     return sp.integrate(integrand, (z, -sp.oo, sp.oo), conds="none")
 
 
+def expected_log_likelihood_grouped():
+    r"""-n/2 log(2 pi sigma^2) - (S_xx - 2 m S_x + n (m^2 + s^2)) / (2 sigma^2): the integral above, grouped.
+
+    (E_q[(x_i - z)^2] = (x_i - m)^2 + s^2, summed over i.)
+    """
+    n, Sx, Sxx, sigma = C.n, C.Sx, C.Sxx, C.sigma
+    return -n * sp.log(2 * sp.pi * sigma**2) / 2 - (Sxx - 2 * m * Sx + n * (m**2 + s**2)) / (2 * sigma**2)
+
+
 @cache
 def expected_log_prior_by_integration():
     r"""E_q[log p(z)], integrated by SymPy."""
     log_q = C.log_normal(z, m, s)
     return sp.integrate(sp.expand(C.log_normal(z, mu0, s0) * sp.exp(log_q)), (z, -sp.oo, sp.oo), conds="none")
+
+
+eps = sp.Symbol("varepsilon", real=True)
+
+
+@cache
+def log_q_at_reparameterized_draw():
+    r"""log q(z) at z = m + s*eps: -log(2 pi s^2)/2 - eps^2/2, by substitution into log N(z; m, s^2)."""
+    return sp.expand(C.log_normal(m + s * eps, m, s), log=False)
+
+
+@cache
+def log_q_variance():
+    r"""Var_eps[log q(m + s*eps)] with eps ~ N(0, 1), integrated by SymPy: 1/2, whatever m and s.
+
+    log q(z) = -log s - log(2 pi)/2 - eps^2/2, so its variance is Var(eps^2)/4 = 2/4.
+    """
+    density = sp.exp(-(eps**2) / 2) / sp.sqrt(2 * sp.pi)
+    f = log_q_at_reparameterized_draw()
+    mean = sp.integrate(f * density, (eps, -sp.oo, sp.oo))
+    second = sp.integrate(sp.expand(f**2) * density, (eps, -sp.oo, sp.oo))
+    return sp.simplify(second - mean**2)
+
+
+def log_q_variance_measured(sd, draws=20_000, mean=0.6, seed=71) -> float:
+    """The sample variance of the guide's log q(z) over ``draws`` draws z ~ N(mean, sd^2), read from traces."""
+    with float64(), torch.no_grad():
+        t = particle_terms(C.model, C.make_guide(mean, sd), C.data(), particles=draws, vectorize=True, seed=seed)
+        return float(t["log_q"].var())
 
 
 # ---------------------------------------------------------------- the setting
@@ -111,9 +149,9 @@ def particle_terms(model_fn, guide_fn, *args, particles=1, vectorize=False, seed
 
     Returns float64 tensors of shape ``(particles,)``:
 
-    * ``reconstruction``: sum of the model's observed sites, log p(x | z^(s));
-    * ``log_prior``: sum of the model's latent sites, log p(z^(s));
-    * ``log_q``: sum of the guide's sites, log q(z^(s));
+    * ``reconstruction``: sum of the model's observed sites, log p(x | z^(k));
+    * ``log_prior``: sum of the model's latent sites, log p(z^(k));
+    * ``log_q``: sum of the guide's sites, log q(z^(k));
     * ``kl_mc`` = ``log_q - log_prior``, the one-draw Monte Carlo KL.
 
     With ``vectorize`` every site carries the particles in its leading dimension.
@@ -174,9 +212,9 @@ def sym_split(variant=None):
 
 
 def num_split(variant=None) -> Numeric:
-    """Monte Carlo: draws of log p(x | z^(s)) - KL_torch(q || p) average to the closed-form ELBO.
+    """Monte Carlo: draws of log p(x | z^(k)) - KL_torch(q || p) average to the closed-form ELBO.
 
-    Variant ``log-prior-as-kl``: draws of log p(x | z^(s)) + log p(z^(s)).
+    Variant ``log-prior-as-kl``: draws of log p(x | z^(k)) + log p(z^(k)).
     """
     with float64():
         x = C.data()
@@ -194,7 +232,7 @@ register(
         chapter=CHAPTER,
         label="elbo-reconstruction-kl",
         statement=r"\mathcal L(\lambda) = \mathbb E_{q_\lambda(z)}\big[\log p(x \mid z)\big]"
-        r" - \mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big)",
+        r" - \mathrm{KL}\big(q_\lambda(z)\,\Vert\,p(z)\big)",
         symbolic=sym_split,
         numeric=num_split,
         wrong=("log-prior-as-kl",),
@@ -222,7 +260,7 @@ register(
         id="gaussian-kl-general",
         chapter=CHAPTER,
         label="gaussian-kl-general",
-        statement=r"\mathrm{KL}\big(\mathcal N(m, s^2)\,\|\,\mathcal N(\mu_0, s_0^2)\big)"
+        statement=r"\mathrm{KL}\big(\mathcal N(m, s^2)\,\Vert\,\mathcal N(\mu_0, s_0^2)\big)"
         r" = \log\frac{s_0}{s} + \frac{s^2 + (m - \mu_0)^2}{2 s_0^2} - \frac12",
         symbolic=sym_general_kl,
         numeric=num_general_kl,
@@ -250,7 +288,7 @@ register(
         id="gaussian-kl-closed-form",
         chapter=CHAPTER,
         label="gaussian-kl-closed-form",
-        statement=r"\mathrm{KL}\big(\mathcal N(m, s^2)\,\|\,\mathcal N(0, 1)\big)"
+        statement=r"\mathrm{KL}\big(\mathcal N(m, s^2)\,\Vert\,\mathcal N(0, 1)\big)"
         r" = \tfrac12\big(m^2 + s^2 - 1 - \log s^2\big)",
         symbolic=sym_standard_kl,
         numeric=num_standard_kl,
@@ -277,7 +315,7 @@ register(
         id="kl-as-expectation",
         chapter=CHAPTER,
         label="kl-as-expectation",
-        statement=r"\mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big)"
+        statement=r"\mathrm{KL}\big(q_\lambda(z)\,\Vert\,p(z)\big)"
         r" = \mathbb E_{q_\lambda(z)}\big[\log q_\lambda(z) - \log p(z)\big]",
         numeric=num_kl_expectation,
         wrong=("log-prior-alone",),
@@ -315,11 +353,13 @@ register(
         id="trace-elbo-estimator-a",
         chapter=CHAPTER,
         label="trace-elbo-estimator-a",
-        statement=r"-\texttt{Trace\_ELBO(num\_particles=S).loss} = \frac1S\sum_{s=1}^S \log p(x \mid z^{(s)})"
-        r" - \frac1S\sum_{s=1}^S \big[\log q_\lambda(z^{(s)}) - \log p(z^{(s)})\big] = \widetilde{\mathcal L}^A",
+        statement=r"\begin{aligned}\widetilde{\mathcal L}^A &= -\texttt{Trace\_ELBO(num\_particles=S).loss} \\"
+        r"&= \frac1S\sum_{k=1}^S \log p(x \mid z^{(k)})"
+        r" - \frac1S\sum_{k=1}^S \big[\log q_\lambda(z^{(k)}) - \log p(z^{(k)})\big]\end{aligned}",
         numeric=num_estimator_a,
         wrong=("closed-form-kl",),
-        summary="Trace_ELBO is AEVB's estimator A: its 'KL' is sampled, draw by draw, never computed in closed form",
+        summary="bookkeeping: Trace_ELBO is AEVB's estimator A (eq. 6) -- observed sites in the reconstruction,"
+        " latent model and guide sites in a sampled KL, averaged with 1/S; no closed-form KL",
     )
 )
 
@@ -339,11 +379,11 @@ register(
         id="trace-mean-field-estimator-b",
         chapter=CHAPTER,
         label="trace-mean-field-estimator-b",
-        statement=r"-\texttt{TraceMeanField\_ELBO(num\_particles=S).loss} = \frac1S\sum_{s=1}^S \log p(x \mid z^{(s)})"
-        r" - \mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big) = \widetilde{\mathcal L}^B",
+        statement=r"\begin{aligned}\widetilde{\mathcal L}^B &= -\texttt{TraceMeanField\_ELBO(num\_particles=S).loss} \\"
+        r"&= \frac1S\sum_{k=1}^S \log p(x \mid z^{(k)}) - \mathrm{KL}\big(q_\lambda(z)\,\Vert\,p(z)\big)\end{aligned}",
         numeric=num_estimator_b,
         wrong=("sampled-kl",),
-        summary="TraceMeanField_ELBO is AEVB's estimator B: the reconstruction sampled, the KL in closed form",
+        summary="TraceMeanField_ELBO is AEVB's estimator B (eq. 7): the reconstruction sampled, the KL in closed form",
     )
 )
 
@@ -368,7 +408,7 @@ RELIED_ON: tuple[SourceLine, ...] = (
     SourceLine(
         f"{TMF}._differentiable_loss_particle",
         'elbo_particle = elbo_particle + model_site["log_prob_sum"]',
-        r"... add $\log p(x \mid z^{(s)})$ at the sampled $z^{(s)}$: the reconstruction",
+        r"... add $\log p(x \mid z^{(k)})$ at the sampled $z^{(k)}$: the reconstruction",
     ),
     SourceLine(
         f"{TMF}._differentiable_loss_particle",
@@ -389,12 +429,12 @@ RELIED_ON: tuple[SourceLine, ...] = (
     SourceLine(
         f"{TMF}._differentiable_loss_particle",
         '+ model_site["log_prob_sum"]',
-        r"... it falls back to the sampled $\log p(z^{(s)})$ ...",
+        r"... it falls back to the sampled $\log p(z^{(k)})$ ...",
     ),
     SourceLine(
         f"{TMF}._differentiable_loss_particle",
         "- entropy_term.sum()",
-        r"... minus the guide's $\log q(z^{(s)})$ (its `entropy_term`): estimator A for that site",
+        r"... minus the guide's $\log q(z^{(k)})$ (its `entropy_term`): estimator A for that site",
     ),
 )
 ABSENT_LINE = SourceLine(
@@ -457,6 +497,7 @@ __all__ = [
     "gaussian_kl_closed_form",
     "standard_kl_closed_form",
     "expected_log_likelihood_by_integration",
+    "expected_log_likelihood_grouped",
     "expected_log_prior_by_integration",
     "particle_terms",
     "analytic_kl",
@@ -464,6 +505,9 @@ __all__ = [
     "elbo_losses",
     "kl_mc_samples",
     "estimators_same_draw",
+    "log_q_at_reparameterized_draw",
+    "log_q_variance",
+    "log_q_variance_measured",
     "standard_error",
     "spread_by_particles",
 ]

@@ -14,7 +14,10 @@ The running example is the chapter-1 model (:mod:`elbo_terms.conjugate`) with it
 scale unknown too, so that a trace has two latent sites and one observed site in a plate::
 
     z ~ N(mu0, s0^2),  sigma ~ LogNormal(log sigma_prior, 0.3),  x_i | z, sigma ~ N(z, sigma^2)
-    q(z, sigma) = N(z; m, s^2) LogNormal(sigma; a, b)
+    q(z, sigma) = N(z; m, s^2) LogNormal(sigma; m_sigma, s_sigma)
+
+(LogNormal(sigma; m_sigma, s_sigma): log sigma ~ N(m_sigma, s_sigma^2).) Particles are
+indexed k = 1..S: z^(k) ~ q.
 """
 
 from __future__ import annotations
@@ -76,22 +79,22 @@ RELIED_ON: tuple[SourceLine, ...] = (
     SourceLine(
         "loss",
         "for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):",
-        r"one pair of traces per particle, one draw $z^{(s)} \sim q_\lambda$, $s = 1, \dots, S$"
+        r"one pair of traces per particle, one draw $z^{(k)} \sim q_\lambda$, $k = 1, \dots, S$"
         " (or one pair holding all $S$ draws, when vectorized)",
     ),
     SourceLine(
         "loss",
         "elbo_particle = torch_item(model_trace.log_prob_sum()) - torch_item(",
-        r"$\log p(x, z^{(s)})$: every sample site of the model, observed ones ($\log p(x \mid z)$) "
+        r"$\log p(x, z^{(k)})$: every sample site of the model, observed ones ($\log p(x \mid z)$) "
         r"and latent ones ($\log p(z)$) alike, summed; then minus ...",
     ),
     SourceLine(
-        "loss", "guide_trace.log_prob_sum()", r"... $\log q_\lambda(z^{(s)})$: every sample site of the guide, summed"
+        "loss", "guide_trace.log_prob_sum()", r"... $\log q_\lambda(z^{(k)})$: every sample site of the guide, summed"
     ),
     SourceLine(
         "loss",
         "elbo += elbo_particle / self.num_particles",
-        r"$\frac1S \sum_s$: the Monte Carlo average that replaces $\mathbb E_{q_\lambda}$",
+        r"$\frac1S \sum_k$: the Monte Carlo average that replaces $\mathbb E_{q_\lambda}$",
     ),
     SourceLine("loss", "loss = -elbo", r"the loss is $-\mathcal L$, because optimizers minimize"),
     SourceLine(
@@ -286,8 +289,8 @@ def mapping_table(key: str, lines=RELIED_ON, header="in BBVI eq. (1)") -> str:
 
 # -------------------------------------------------------------- the running example
 SIGMA_PRIOR_LOG_SD = 0.3
-#: initial values of the guide's parameters: q(z) = N(m, s^2), q(sigma) = LogNormal(a, b)
-GUIDE_INIT = {"m": C.GUIDE_MEAN, "s": C.GUIDE_SD, "a": math.log(C.NOISE_SD) + 0.2, "b": 0.25}
+#: initial values of the guide's parameters: q(z) = N(m, s^2), q(sigma) = LogNormal(m_sigma, s_sigma)
+GUIDE_INIT = {"m": C.GUIDE_MEAN, "s": C.GUIDE_SD, "m_sigma": math.log(C.NOISE_SD) + 0.2, "s_sigma": 0.25}
 #: how many particles the site-by-site check averages
 PARTICLES = 4
 
@@ -301,13 +304,13 @@ def model(x):
 
 
 def guide(x):
-    """q(z, sigma) = N(z; m, s^2) LogNormal(sigma; a, b), with its four parameters in the param store."""
+    """q(z, sigma) = N(z; m, s^2) LogNormal(sigma; m_sigma, s_sigma): four parameters in the param store."""
     m = pyro.param("m", t64(GUIDE_INIT["m"]))
     s = pyro.param("s", t64(GUIDE_INIT["s"]), constraint=dist.constraints.positive)
-    a = pyro.param("a", t64(GUIDE_INIT["a"]))
-    b = pyro.param("b", t64(GUIDE_INIT["b"]), constraint=dist.constraints.positive)
+    m_sigma = pyro.param("m_sigma", t64(GUIDE_INIT["m_sigma"]))
+    s_sigma = pyro.param("s_sigma", t64(GUIDE_INIT["s_sigma"]), constraint=dist.constraints.positive)
     pyro.sample("z", dist.Normal(m, s))
-    pyro.sample("sigma", dist.LogNormal(a, b))
+    pyro.sample("sigma", dist.LogNormal(m_sigma, s_sigma))
 
 
 class fresh_param_store:
@@ -413,18 +416,26 @@ def num_site_by_site(variant=None) -> Numeric:
         return exact(t64(losses), t64(recomputed))
 
 
+#: the display of ``trace-elbo-loss-by-sites``; ``loss_S`` is ``Trace_ELBO(num_particles=S).loss``
+LOSS_BY_SITES = (
+    r"\begin{aligned}"
+    r"\texttt{loss}_S = -\frac1S\sum_{k=1}^{S}\Big["
+    r"&\sum_{i\,\in\,\text{observed}} \log p(x_i \mid z^{(k)})"
+    r" + \sum_{j\,\in\,\text{latent}} \log p(z_j^{(k)} \mid \cdot) \\"
+    r"&- \sum_{j\,\in\,\text{guide}} \log q_\lambda(z_j^{(k)} \mid \cdot)\Big]"
+    r"\end{aligned}"
+)
+
 register(
     Identity(
         id="trace-elbo-loss-by-sites",
         chapter=CHAPTER,
         label="trace-elbo-loss-by-sites",
-        statement=r"\texttt{Trace\_ELBO(num\_particles=S).loss} = -\frac1S\sum_{s=1}^{S}\Big["
-        r"\sum_{i\,\in\,\text{observed}} \log p(x_i \mid z^{(s)})"
-        r" + \sum_{j\,\in\,\text{latent}} \log p(z_j^{(s)} \mid \cdot)"
-        r" - \sum_{j\,\in\,\text{guide}} \log q_\lambda(z_j^{(s)} \mid \cdot)\Big]",
+        statement=LOSS_BY_SITES,
         numeric=num_site_by_site,
         wrong=("sum-over-particles", "missing-prior"),
-        summary="Trace_ELBO's loss is minus the particle average of model sites' log p minus guide sites' log q",
+        summary="bookkeeping: Trace_ELBO's loss holds every model site with +, every guide site with -,"
+        " each once, averaged with 1/S",
     )
 )
 
@@ -468,8 +479,9 @@ register(
         id="svi-step-value",
         chapter=CHAPTER,
         label="svi-step-value",
-        statement=r"\texttt{SVI.step()} = \texttt{Trace\_ELBO().loss}\ \text{at the same draw } z^{(1)} \sim q_\lambda"
-        r" \text{ and the parameters } \lambda \text{ before the update}",
+        statement=r"\begin{aligned}\texttt{SVI.step()} &= \texttt{Trace\_ELBO().loss} \\"
+        r"&\quad\text{at the same draw } z^{(1)} \sim q_\lambda \\"
+        r"&\quad\text{and at the parameters } \lambda \text{ before the update}\end{aligned}",
         numeric=num_svi_step,
         wrong=("flipped-sign", "after-step"),
         summary="SVI.step returns Trace_ELBO's loss (via _differentiable_loss_particle), before the update",
@@ -478,26 +490,75 @@ register(
 
 
 def site_table(pairs) -> str:
-    """The site terms of traces as a Markdown table: one row per site, one column per particle.
+    """The site terms of traces as a narrow Markdown table: one row per site, one column per particle.
 
+    Each row is labelled with its sign and trace, e.g. ``+ model `x` (observed)``, ``− guide `z```.
     The last row is each particle's ELBO, model terms minus guide terms; the last column the
-    average over particles, whose negative is ``Trace_ELBO``'s loss.
+    average over particles, so the bottom-right entry is minus ``Trace_ELBO``'s loss.
     """
     rows = site_terms(pairs)
     particles = max(r.particle for r in rows) + 1
     keys = list(dict.fromkeys((r.trace, r.site, r.role, r.sign) for r in rows))
     value = {(r.trace, r.site, r.particle): r.log_prob_sum for r in rows}
-    head = "| trace | site | role | sign | " + " | ".join(f"$s={i + 1}$" for i in range(particles)) + " | mean |"
-    out = [head, "|---|---|---|:---:|" + "---:|" * (particles + 1)]
+    head = "| site | " + " | ".join(f"$k={i + 1}$" for i in range(particles)) + " | mean |"
+    out = [head, "|---|" + "---:|" * (particles + 1)]
     for trace_name, site, role, sign in keys:
         vals = [value[(trace_name, site, i)] for i in range(particles)]
         cells = " | ".join(f"{v:.4f}" for v in vals)
-        out.append(
-            f"| {trace_name} | `{site}` | {role} | {'+' if sign > 0 else '−'} | {cells} | {sum(vals) / particles:.4f} |"
-        )
+        label = f"{'+' if sign > 0 else '−'} {trace_name} `{site}`" + (" (obs.)" if role == "observed" else "")
+        out.append(f"| {label} | {cells} | {sum(vals) / particles:.4f} |")
     elbos = [sum(r.sign * r.log_prob_sum for r in rows if r.particle == i) for i in range(particles)]
     cells = " | ".join(f"**{v:.4f}**" for v in elbos)
-    out.append(f"| **ELBO of the draw** | | | | {cells} | **{sum(elbos) / particles:.4f}** |")
+    out.append(f"| **ELBO** | {cells} | **{sum(elbos) / particles:.4f}** |")
+    return "\n".join(out)
+
+
+#: the columns of a decompose site table that fit the page, with their headers
+SITE_COLUMNS = {
+    "name": "site",
+    "role": "role",
+    "log_p": r"$\log p$",
+    "log_q": r"$\log q$",
+    "kl_analytic": r"$\mathrm{KL}(q \,\Vert\, p)$",
+}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def sites_table(records, columns=SITE_COLUMNS) -> str:
+    """A Markdown table of some columns of ``decompose(...).sites.to_records()``.
+
+    ``columns`` maps a record key to its header; missing values (``None``) show as a dash.
+    The full table has more columns than a page is wide; this shows the ones the text needs.
+    """
+    records = list(records)
+    unknown = [c for c in columns if records and c not in records[0]]
+    if unknown:
+        raise KeyError(f"sites_table: no column(s) {unknown}; the records have {sorted(records[0])}")
+    out = ["| " + " | ".join(columns.values()) + " |", "|---|---|" + "---:|" * (len(columns) - 2)]
+    for rec in records:
+        cells = [f"`{rec[c]}`" if c == "name" else _cell(rec[c]) for c in columns]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+#: the terms of a decomposition, in the order the text discusses them
+TERMS = ("reconstruction", "log_prior", "log_q", "kl_mc", "kl_analytic", "elbo", "elbo_mean_field", "loss")
+
+
+def terms_table(decomposition, terms=TERMS) -> str:
+    """A Markdown table of a ``decompose(...)`` result's terms: name, mean over particles, standard error."""
+    d = decomposition.to_dict()
+    out = ["| term | mean | standard error |", "|---|---:|---:|"]
+    for t in terms:
+        se = d["stderr"].get(t)
+        out.append(f"| `{t}` | {_cell(d[t])} | {'' if se is None else f'± {se:.4f}'} |")
     return "\n".join(out)
 
 
@@ -520,4 +581,6 @@ __all__ = [
     "trace_elbo_loss",
     "svi_step_and_losses",
     "site_table",
+    "sites_table",
+    "terms_table",
 ]
