@@ -1,8 +1,11 @@
 """``elbo_terms.decompose``: the contract of issue 3.
 
 * same draws as Pyro: ``-decompose(...).elbo == Trace_ELBO(...).loss`` after the same seed
-  (S = 1 and S > 1, vectorized or not; float64 to 1e-9, float32 to 1e-5), and
-  ``-elbo_mean_field == TraceMeanField_ELBO(...).loss`` when every KL is analytic;
+  (S = 1 and S > 1, vectorized or not; float64 to 1e-9, float32 to 1e-5) against a fresh
+  ``Trace_ELBO``, and against a reused one when ``max_plate_nesting`` is passed;
+* ``-elbo_mean_field == TraceMeanField_ELBO(...).loss`` wherever Pyro returns a number (closed-form
+  KL where torch has one, Pyro's sampled fallback elsewhere), and None with a ``mean_field_note``
+  where ``TraceMeanField_ELBO`` raises;
 * plates and subsampling, several observed and latent sites, nested plates,
   ``poutine.scale``, masks, non-reparameterized guide sites, auxiliary guide sites;
 * the param store ends as running the guide leaves it; no global state changes;
@@ -224,8 +227,51 @@ def test_equals_trace_elbo_on_the_same_draws(name, num_particles, vectorize):
 @pytest.mark.parametrize("name", sorted(n for n, f in MODELS.items() if f()[3]))
 def test_equals_trace_mean_field_elbo_on_the_same_draws(name, num_particles, vectorize):
     loss, terms = loss_and_terms(name, num_particles, vectorize, estimator=TraceMeanField_ELBO)
-    assert terms.kl_analytic is not None
+    assert terms.kl_analytic is not None and terms.mean_field_note is None
     close(-terms.elbo_mean_field, loss)
+    close(terms.reconstruction - terms.kl_mean_field, terms.elbo_mean_field)
+
+
+def mean_field_or_error(model, guide, args, seed=7, **options):
+    """TraceMeanField_ELBO's loss (or the exception it raises) and decompose, on one seed."""
+    pyro.set_rng_seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its site-order warning, the one-sided scale
+            pyro_says = TraceMeanField_ELBO(**options).loss(model, guide, *args)
+    except Exception as e:  # noqa: BLE001  (what Pyro raises is the point)
+        pyro_says = e
+    pyro.set_rng_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ScaleMismatchWarning)
+        terms = decompose(model, guide, *args, **options)
+    return pyro_says, terms
+
+
+def assert_mirrors_mean_field(pyro_says, terms):
+    """A number where Pyro gives one (equal on the same draws), None and a note naming Pyro's error where it raises."""
+    if isinstance(pyro_says, Exception):
+        assert terms.elbo_mean_field is None and terms.kl_mean_field is None, pyro_says
+        assert type(pyro_says).__name__ in terms.mean_field_note
+        assert all(row.kl_mean_field is None for row in terms.sites)
+    else:
+        assert terms.elbo_mean_field is not None, terms.mean_field_note
+        close(-terms.elbo_mean_field, pyro_says)
+        close(terms.reconstruction - terms.kl_mean_field, terms.elbo_mean_field)
+        rows = [r.kl_mean_field for r in terms.sites if r.role != "observed" and r.kl_mean_field is not None]
+        close(sum(rows), terms.kl_mean_field)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+@pytest.mark.parametrize("num_particles,vectorize", PARTICLES)
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_mean_field_mirrors_pyro_for_every_model(name, num_particles, vectorize, validation):
+    model, guide, args, _ = MODELS[name]()
+    with pyro.validation_enabled(validation):
+        pyro_says, terms = mean_field_or_error(
+            model, guide, args, num_particles=num_particles, vectorize_particles=vectorize
+        )
+    assert_mirrors_mean_field(pyro_says, terms)
 
 
 @pytest.mark.parametrize("vectorize", [False, True])
@@ -258,7 +304,16 @@ def test_rng_ends_where_trace_elbo_leaves_it():
 @pytest.mark.parametrize("num_particles,vectorize", PARTICLES)
 def test_per_particle_values_and_stderr(num_particles, vectorize):
     _, terms = loss_and_terms("local-latents-subsampled", num_particles, vectorize)
-    for term in ("elbo", "reconstruction", "log_prior", "log_q", "kl_mc", "kl_analytic", "elbo_mean_field"):
+    for term in (
+        "elbo",
+        "reconstruction",
+        "log_prior",
+        "log_q",
+        "kl_mc",
+        "kl_analytic",
+        "kl_mean_field",
+        "elbo_mean_field",
+    ):
         values = terms.per_particle[term]
         assert len(values) == num_particles
         close(sum(values) / num_particles, getattr(terms, term))
@@ -332,8 +387,10 @@ def test_table_renders_as_html_and_is_plain_data():
 
 def test_fields_are_python_floats():
     _, terms = loss_and_terms("conjugate", 1, False)
-    for term in ("elbo", "loss", "reconstruction", "log_prior", "log_q", "kl_mc", "kl_analytic", "elbo_mean_field"):
+    terms_ = ("elbo", "loss", "reconstruction", "log_prior", "log_q", "kl_mc", "kl_analytic", "kl_mean_field")
+    for term in (*terms_, "elbo_mean_field"):
         assert type(getattr(terms, term)) is float
+    assert terms.kl_mean_field == terms.kl_analytic and terms.mean_field_note is None
 
 
 def test_dynamic_structure_counts_absent_sites_as_zero():
@@ -387,8 +444,13 @@ def test_autoguides_and_deterministic_sites(autoguide, num_particles, vectorize)
     assert terms.sites["twice_z"].role == "deterministic" and terms.sites["twice_z"].log_p == 0.0
     if autoguide in ("AutoNormal", "AutoDiagonalNormal"):
         assert any(r.role == "auxiliary" for r in terms.sites)
-        pyro.set_rng_seed(2)
-        close(-terms.elbo_mean_field, TraceMeanField_ELBO(**options).loss(model, guide, x))
+    # every autoguide here gives TraceMeanField_ELBO a number; AutoNormalMessenger's through the
+    # sampled fallback (torch has no KL between its TransformedDistribution site and the LogNormal prior)
+    pyro_says, terms = mean_field_or_error(model, guide, (x,), seed=2, **options)
+    assert not isinstance(pyro_says, Exception)
+    assert_mirrors_mean_field(pyro_says, terms)
+    if autoguide == "AutoNormalMessenger":
+        assert terms.kl_analytic is None and terms.kl_mean_field is not None
 
 
 # ------------------------------------------------------------------ param store, global state
@@ -637,3 +699,253 @@ def test_bad_options():
         decompose(_conj_model, _conj_guide, data(), max_plate_nesting=-1)
     with pytest.raises(TypeError, match="callables"):
         decompose("model", _conj_guide, data())
+
+
+# ------------------------------------------------- broadcast values (maintainer finding 1)
+def _soft_constraint_model(x):
+    """A scalar obs inside a plate: the value 0 is scored by each of the plate's distributions."""
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    with pyro.plate("d", len(x)):
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+        pyro.sample("soft", dist.Normal(z - x, 0.5), obs=torch.tensor(0.0))
+
+
+@pytest.mark.parametrize("num_particles,vectorize", PARTICLES)
+def test_a_broadcast_observed_value_is_accepted(num_particles, vectorize):
+    options = dict(num_particles=num_particles, vectorize_particles=vectorize)
+    pyro.set_rng_seed(5)
+    loss = Trace_ELBO(**options).loss(_soft_constraint_model, _conj_guide, data())
+    pyro.set_rng_seed(5)
+    terms = decompose(_soft_constraint_model, _conj_guide, data(), **options)
+    close(terms.loss, loss)
+    assert terms.sites["soft"].role == "observed"
+    close(terms.reconstruction, terms.sites["x"].log_p + terms.sites["soft"].log_p)
+    pyro_says, terms = mean_field_or_error(_soft_constraint_model, _conj_guide, (data(),), seed=5, **options)
+    assert_mirrors_mean_field(pyro_says, terms)
+
+
+def test_value_and_distribution_broadcasting_each_other_is_refused_even_with_vectorized_particles():
+    """The (N, 1) obs against an (N,) batch: refused with the site's name whatever the particle setting."""
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[:, None])
+
+    for num_particles, vectorize in PARTICLES:
+        with pytest.raises(DecomposeError, match="model site 'x'"):
+            decompose(model, _conj_guide, data(), num_particles=num_particles, vectorize_particles=vectorize)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_a_shape_only_pyros_validation_rejects(validation):
+    """Data of shape (N,) under one scalar distribution, no plate: each datum counted once.
+
+    Pyro's validation rejects it (no plate declares the data dim): decompose says so, naming
+    the site; without validation both sum the N terms.
+    """
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    with pyro.validation_enabled(validation):
+        pyro.set_rng_seed(0)
+        try:
+            loss = Trace_ELBO().loss(model, _conj_guide, data())
+        except ValueError as e:
+            loss = e
+        pyro.set_rng_seed(0)
+        if validation:
+            assert isinstance(loss, ValueError) and "invalid log_prob shape" in str(loss)
+            with pytest.raises(DecomposeError, match="model site 'x': Pyro's validation rejects its shape"):
+                decompose(model, _conj_guide, data())
+        else:
+            close(decompose(model, _conj_guide, data()).loss, loss)
+
+
+# ----------------------------------------- a fresh or a reused Trace_ELBO (maintainer finding 3)
+def test_same_draws_as_a_fresh_trace_elbo_and_as_a_reused_one_given_max_plate_nesting():
+    """A vectorized Trace_ELBO guesses max_plate_nesting on its first call only.
+
+    decompose (without max_plate_nesting) makes the guessing run on every call, as a fresh
+    Trace_ELBO does; against a reused one (an SVI loss after its first step) pass
+    max_plate_nesting, and neither makes the run.
+    """
+    model, guide, args, _ = local_latents_subsampled()
+    options = dict(num_particles=4, vectorize_particles=True)
+    elbo = Trace_ELBO(**options)
+    pyro.set_rng_seed(0)
+    first = elbo.loss(model, guide, *args)  # a fresh Trace_ELBO: it guesses
+    pyro.set_rng_seed(0)
+    close(decompose(model, guide, *args, **options).loss, first)
+    assert elbo.max_plate_nesting == 2  # guessed 1, plus the particle plate
+
+    pyro.set_rng_seed(1)
+    again = elbo.loss(model, guide, *args)  # reused: no guessing run
+    pyro.set_rng_seed(1)
+    out_of_step = decompose(model, guide, *args, **options)
+    assert not math.isclose(out_of_step.loss, again, rel_tol=1e-6)
+    pyro.set_rng_seed(1)
+    close(decompose(model, guide, *args, max_plate_nesting=1, **options).loss, again)
+
+
+def test_inside_svi_after_the_first_step():
+    from pyro.infer import SVI
+    from pyro.optim import Adam
+
+    model, guide, args, _ = local_latents_subsampled()
+    options = dict(num_particles=3, vectorize_particles=True)
+    svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO(**options))
+    svi.step(*args)
+    pyro.set_rng_seed(3)
+    loss = svi.evaluate_loss(*args)
+    pyro.set_rng_seed(3)
+    close(decompose(model, guide, *args, max_plate_nesting=1, **options).loss, loss)
+
+
+# -------------------------------------------- TraceMeanField_ELBO's own rules (maintainer finding 4)
+def test_mean_field_falls_back_to_the_sampled_term_where_torch_has_no_kl():
+    """Normal || Normal in closed form, LogNormal || Gamma sampled: Pyro's per-site fallback."""
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        rate = pyro.sample("rate", dist.Gamma(2.0, 2.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(z, rate.rsqrt()), obs=x)
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(0.2, 0.7))
+        pyro.sample("rate", dist.LogNormal(0.1, 0.3))
+
+    for num_particles, vectorize in PARTICLES:
+        options = dict(num_particles=num_particles, vectorize_particles=vectorize)
+        pyro_says, terms = mean_field_or_error(model, guide, (data(),), **options)
+        assert_mirrors_mean_field(pyro_says, terms)
+        z, rate = terms.sites["z"], terms.sites["rate"]
+        assert terms.kl_analytic is None and rate.kl_analytic is None
+        assert z.kl_mean_field == z.kl_analytic
+        close(rate.kl_mean_field, rate.log_q - rate.log_p)
+        assert terms.mean_field_note is None
+
+
+def test_mean_field_none_for_a_deterministic_site_in_the_guide_only():
+    def guide(x):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.deterministic("z_twice", 2 * z)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Pyro: "non-auxiliary vars in guide but not model"
+        pyro_says, terms = mean_field_or_error(_conj_model, guide, (data(),))
+    assert isinstance(pyro_says, AssertionError)
+    assert_mirrors_mean_field(pyro_says, terms)
+    assert "'z_twice'" in terms.mean_field_note and "is_auxiliary" in terms.mean_field_note
+    pyro.set_rng_seed(7)
+    with pytest.warns(UserWarning, match="non-auxiliary vars in guide"):
+        close(terms.loss, Trace_ELBO().loss(_conj_model, guide, data()))  # Trace_ELBO gives a number
+
+
+def _coin_model(x):
+    c = pyro.sample("c", dist.Bernoulli(0.3))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+
+def _coin_guide(x):
+    pyro.sample("c", dist.Bernoulli(0.6))
+
+
+@pytest.mark.parametrize("num_particles,vectorize", PARTICLES)
+def test_mean_field_with_a_score_function_site(num_particles, vectorize):
+    """Bernoulli || Bernoulli has a closed form, but the guide site is not reparameterized.
+
+    Validation on: TraceMeanField_ELBO raises NotImplementedError, decompose gives None and says
+    why.  Validation off: Pyro's number (closed-form KL), which decompose matches, with a note.
+    """
+    options = dict(num_particles=num_particles, vectorize_particles=vectorize)
+    pyro_says, terms = mean_field_or_error(_coin_model, _coin_guide, (data(),), **options)
+    assert isinstance(pyro_says, NotImplementedError)
+    assert_mirrors_mean_field(pyro_says, terms)
+    assert "'c'" in terms.mean_field_note and "reparameterized" in terms.mean_field_note
+    assert terms.kl_analytic is not None  # the closed form itself exists
+    with pyro.validation_enabled(False):
+        pyro_says, terms = mean_field_or_error(_coin_model, _coin_guide, (data(),), **options)
+    assert_mirrors_mean_field(pyro_says, terms)
+    assert "score-function term" in terms.mean_field_note
+    close(terms.kl_mean_field, terms.kl_analytic)
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_mean_field_with_a_score_function_site_without_a_closed_form(validation):
+    """Poisson prior, Geometric guide: Pyro raises (NotImplementedError, or AttributeError without validation)."""
+
+    def model(x):
+        n = pyro.sample("n", dist.Poisson(2.0))
+        pyro.sample("x", dist.Normal(n, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("n", dist.Geometric(0.3))
+
+    with pyro.validation_enabled(validation):
+        pyro_says, terms = mean_field_or_error(model, guide, (torch.tensor(1.5),))
+    assert isinstance(pyro_says, NotImplementedError if validation else AttributeError)
+    assert_mirrors_mean_field(pyro_says, terms)
+    assert "'n'" in terms.mean_field_note
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_mean_field_with_a_score_function_auxiliary_site(validation):
+    def guide(x):
+        a = pyro.sample("a", dist.Bernoulli(0.5), infer={"is_auxiliary": True})
+        pyro.sample("z", dist.Normal(a, 1.0))
+
+    with pyro.validation_enabled(validation):
+        pyro_says, terms = mean_field_or_error(_conj_model, guide, (data(),))
+    assert isinstance(pyro_says, NotImplementedError if validation else AttributeError)
+    assert_mirrors_mean_field(pyro_says, terms)
+    assert "'a'" in terms.mean_field_note
+
+
+def test_mean_field_kl_shape_assertion():
+    """A local latent in the model's plate, one scalar guide site: Pyro's KL shape assertion fails.
+
+    (With validation on, Pyro's model/guide shape check refuses the pair first, for Trace_ELBO too.)
+    """
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("w", dist.Normal(0.2, 1.0))
+
+    with pyro.validation_enabled(False):
+        pyro_says, terms = mean_field_or_error(model, guide, (data(),))
+    assert isinstance(pyro_says, AssertionError)
+    assert_mirrors_mean_field(pyro_says, terms)
+    assert "'w'" in terms.mean_field_note and "batch shape" in terms.mean_field_note
+    with pytest.raises(DecomposeError, match="'w'"):
+        decompose(model, guide, data())
+
+
+def test_mean_field_note_in_the_summary():
+    terms = decompose(_coin_model, _coin_guide, data())
+    assert "mean field: TraceMeanField_ELBO raises NotImplementedError" in repr(terms)
+    assert "decompose-note" in terms._repr_html_()
+    assert terms.to_dict()["mean_field_note"] == terms.mean_field_note
+
+
+# ------------------------------------------------------------------ the table's columns
+def test_site_table_columns():
+    _, terms = loss_and_terms("vae-like", 2, True)
+    narrow = terms.sites._repr_html_()
+    assert ">batch | event shape</th>" not in narrow and ">KL(q‖p)</th>" in narrow and ">log q</th>" in narrow
+    wide = terms.sites.show("all")
+    assert wide.names == terms.sites.names and ">batch | event shape</th>" in wide._repr_html_()
+    assert ">mean-field KL</th>" in wide._repr_html_() and "(2, 4) | (2,)" in repr(wide)
+    picked = terms.sites.show("name", "log_p")
+    assert repr(picked).splitlines()[0].split() == ["site", "log", "p"]
+    assert {"batch_shape", "kl_mean_field", "estimator"} <= set(terms.sites.to_records()[0])
+    with pytest.raises(ValueError, match="unknown columns"):
+        terms.sites.show("nope")
