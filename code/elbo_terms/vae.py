@@ -665,8 +665,8 @@ register(
         chapter=CHAPTER,
         label="vae-subsample-scaling",
         statement=r"\begin{aligned}"
-        r"\texttt{Trace\_ELBO().loss} &= \frac{N}{B}\sum_{n \in \mathcal I}\Big[\sum_d \mathrm{BCE}_{nd}"
-        r" + \log q(z_n \mid x_n) - \log p(z_n)\Big],\\"
+        r"\texttt{Trace\_ELBO().loss} &= \frac{N}{B}\sum_{n \in \mathcal I}\Big[\sum_d \mathrm{BCE}_{nd}\\"
+        r"&\qquad\qquad + \log q(z_n \mid x_n) - \log p(z_n)\Big],\\"
         r"\mathcal I &= \text{the plate's random batch of } B \text{ indices}"
         r"\end{aligned}",
         numeric=num_subsample_scaling,
