@@ -143,12 +143,12 @@ def _text_cell(text, literal=False):
 
 
 def _table(app, fromdocname, records):
-    """Rows: verdict, id, statement, where it is shown, how it was checked, code and tests."""
-    headers = ["", "identity", "statement", "shown in", "checked", "code and tests"]
-    table = nodes.table(classes=["identity-ledger"])
+    """Four columns: verdict; id and where it is shown; the statement; how it was checked, by what code."""
+    headers = ["", "identity", "statement", "check"]
+    table = nodes.table(classes=["identity-ledger", "colwidths-given"])
     tgroup = nodes.tgroup(cols=len(headers))
     table += tgroup
-    for width in (1, 4, 8, 4, 5, 6):
+    for width in (3, 22, 45, 30):
         tgroup += nodes.colspec(colwidth=width)
     thead = nodes.thead()
     row = nodes.row()
@@ -160,24 +160,21 @@ def _table(app, fromdocname, records):
     for rec in records:
         row = nodes.row(ids=[f"identity-{rec['id']}"])
         row += _text_cell("✔" if rec["passed"] else "✘")
-        row += _text_cell(rec["id"], literal=True)
         entry = nodes.entry()
-        entry += nodes.math(rec["statement"], rec["statement"])
-        row += entry
-        entry = nodes.entry()
+        para = nodes.paragraph()
+        para += nodes.literal(text=rec["id"])
+        entry += para
         para = nodes.paragraph()
         uri = app.builder.get_relative_uri(fromdocname, rec["_docname"])
         if rec.get("label"):
             uri += f"#equation-{rec['label']}"
-        title = env_title(app, rec["_docname"])
-        para += nodes.reference("", title, refuri=uri, internal=True)
-        if rec.get("label"):
-            para += nodes.Text(" (")
-            para += nodes.literal(text=rec["label"])
-            para += nodes.Text(")")
+        para += nodes.reference("", env_title(app, rec["_docname"]), refuri=uri, internal=True)
         entry += para
         row += entry
         entry = nodes.entry()
+        entry += nodes.math(rec["statement"], rec["statement"])
+        row += entry
+        entry = nodes.entry(classes=["ledger-check"])
         sym = rec["symbolic"]
         if sym is not None:
             entry += nodes.paragraph(text="SymPy: " + ("proved" if sym else "not proved"))
@@ -185,14 +182,9 @@ def _table(app, fromdocname, records):
         if num is not None:
             kind = "same draw" if num["kind"] == "exact" else "Monte Carlo"
             entry += nodes.paragraph(text=f"{kind}: |Δ| = {num['abs_error']:.1e} ≤ {num['tolerance']:.1e}")
-        row += entry
-        entry = nodes.entry(classes=["ledger-code"])
-        para = nodes.paragraph()
-        para += nodes.literal(text=rec["code"].removeprefix("elbo_terms."))
-        entry += para
-        for t in rec["tests"]:
+        for text in [rec["code"].removeprefix("elbo_terms.")] + [t.removeprefix("tests/") for t in rec["tests"]]:
             para = nodes.paragraph()
-            para += nodes.literal(text=t.removeprefix("tests/"))
+            para += nodes.literal(text=text)
             entry += para
         row += entry
         tbody += row
