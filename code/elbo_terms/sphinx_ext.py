@@ -148,7 +148,7 @@ def _table(app, fromdocname, records):
     table = nodes.table(classes=["identity-ledger", "colwidths-given"])
     tgroup = nodes.tgroup(cols=len(headers))
     table += tgroup
-    for width in (3, 22, 45, 30):
+    for width in (3, 17, 56, 24):
         tgroup += nodes.colspec(colwidth=width)
     thead = nodes.thead()
     row = nodes.row()
