@@ -54,21 +54,26 @@ def _throwaway_book(tmp: Path, chapter: str) -> Path:
     return book
 
 
-FALSE_CHAPTER = """
-# A false statement
+def _one_identity_chapter(identity_id: str, label: str, rhs: float, title: str) -> str:
+    """A chapter that displays "1 = rhs" under ``label`` and verifies it as ``identity_id``."""
+    return f"""
+# {title}
 
 $$
-1 = 2
-$$ (one-equals-two)
+1 = {rhs:g}
+$$ ({label})
 
-```{code-cell} ipython3
+```{{code-cell}} ipython3
 from elbo_terms.book import verify
 from elbo_terms.identity import Identity, exact
 
-verify(Identity(id="deliberately-false", chapter="chapter", label="one-equals-two", statement="1 = 2",
-                numeric=lambda variant: exact(1.0, 2.0), wrong=("none",)))
+verify(Identity(id="{identity_id}", chapter="chapter", label="{label}", statement="1 = {rhs:g}",
+                numeric=lambda variant: exact(1.0, {rhs!r}), wrong=("none",)))
 ```
 """
+
+
+FALSE_CHAPTER = _one_identity_chapter("deliberately-false", "one-equals-two", 2.0, "A false statement")
 
 
 def test_a_false_identity_fails_the_build_and_names_itself(tmp_path):
@@ -79,21 +84,7 @@ def test_a_false_identity_fails_the_build_and_names_itself(tmp_path):
     assert "IdentityFailed" in build.log
 
 
-TRUE_CHAPTER = """
-# A true statement
-
-$$
-1 = 1
-$$ (one-equals-one)
-
-```{code-cell} ipython3
-from elbo_terms.book import verify
-from elbo_terms.identity import Identity, exact
-
-verify(Identity(id="one-is-one", chapter="chapter", label="one-equals-one", statement="1 = 1",
-                numeric=lambda variant: exact(1.0, 1.0), wrong=("none",)))
-```
-"""
+TRUE_CHAPTER = _one_identity_chapter("one-is-one", "one-equals-one", 1.0, "A true statement")
 
 
 def test_editing_code_re_executes_the_chapters(tmp_path):
