@@ -23,8 +23,8 @@ extensions = [
     "sphinx_copybutton",
     "sphinx_togglebutton",
     "sphinxcontrib.bibtex",
-    "elbo_terms.sphinx_ext",
-    "elbo_terms.slides_kit",
+    "elbo_terms.build.sphinx_ext",
+    "elbo_terms.build.slides_kit",
 ]
 exclude_patterns = ["_build", "_static", "**.ipynb_checkpoints"]
 nitpicky = True

@@ -2,7 +2,7 @@
 
     python tests/bench_decompose.py [--repeats 30] [--target 1.15]
 
-The model is the book's example VAE (``elbo_terms.decompose.example_vae``: scikit-learn's
+The model is the book's example VAE (``elbo_terms.chapters.decompose_checks.example_vae``: scikit-learn's
 bundled digits, 64 Bernoulli pixels, a subsampled minibatch plate, MLP encoder and decoder),
 here with a minibatch of 128 and 64 hidden units, run in float32 as people train it, with
 Pyro's validation off as in training (``--validation`` turns it on).  For each
@@ -21,7 +21,7 @@ import time
 import pyro
 import torch
 from elbo_terms import decompose
-from elbo_terms.decompose import example_data, example_vae
+from elbo_terms.chapters.decompose_checks import example_data, example_vae
 from pyro.infer import Trace_ELBO
 
 SETTINGS = [(1, False), (8, False), (8, True)]  # (num_particles, vectorize_particles)

@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from elbo_terms import answer
+from elbo_terms.chapters import answer
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@
 import shutil
 from pathlib import Path
 
+import elbo_terms.chapters  # noqa: F401  (registers every identity)
 import pytest
 from conftest import ROOT, sphinx_build
-from elbo_terms import IDENTITIES
+from elbo_terms.build.identity import IDENTITIES
 
 FRONT = (ROOT / "book" / "elbo.md").read_text().split("---\n", 2)[1]
 HEADER = f"---\n{FRONT}---\n"
@@ -64,8 +65,8 @@ $$
 $$ ({label})
 
 ```{{code-cell}} ipython3
-from elbo_terms.book import verify
-from elbo_terms.identity import Identity, exact
+from elbo_terms.build.book import verify
+from elbo_terms.build.identity import Identity, exact
 
 verify(Identity(id="{identity_id}", chapter="chapter", label="{label}", statement="1 = {rhs:g}",
                 numeric=lambda variant: exact(1.0, {rhs!r}), wrong=("none",)))
@@ -116,12 +117,12 @@ def test_a_record_whose_equation_is_missing_fails_the_build(tmp_path):
 def test_an_identity_its_chapter_never_verifies_fails_the_build(tmp_path):
     book = _throwaway_book(tmp_path, TRUE_CHAPTER)
     package = tmp_path / "code" / "elbo_terms"
-    (package / "forgotten.py").write_text(
-        "from .identity import Identity, exact, register\n"
+    (package / "chapters" / "forgotten.py").write_text(
+        "from ..build.identity import Identity, exact, register\n"
         'register(Identity(id="forgotten-identity", chapter="chapter", statement="2 = 2",\n'
         '                  numeric=lambda v: exact(2.0, 2.0), wrong=("none",)))\n'
     )
-    init = package / "__init__.py"
+    init = package / "chapters" / "__init__.py"
     init.write_text(init.read_text() + "\nfrom . import forgotten  # noqa: E402, F401\n")
     build = sphinx_build(book, tmp_path / "_build", confdir=tmp_path, env={"PYTHONPATH": str(tmp_path / "code")})
     assert build.returncode != 0

@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from elbo_terms import decompose
-from elbo_terms.decompose import DecomposeError, Decomposition, ScaleMismatchWarning
+from elbo_terms.decomposition import DecomposeError, Decomposition, ScaleMismatchWarning
 from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import constraints

@@ -4,9 +4,9 @@ import pyro
 import pytest
 import torch
 from elbo_terms import decompose
-from elbo_terms import denoising as dn
 from elbo_terms._util import float64, seeded, t64
-from elbo_terms.identity import IDENTITIES, monte_carlo
+from elbo_terms.build.identity import IDENTITIES, monte_carlo
+from elbo_terms.chapters import denoising as dn
 from pyro.infer import Trace_ELBO
 
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-from elbo_terms.book import Result
-from elbo_terms.identity import Identity, exact, monte_carlo, proves_zero, register
+from elbo_terms.build.book import Result
+from elbo_terms.build.identity import Identity, exact, monte_carlo, proves_zero, register
 
 
 def test_exact_accepts_rounding_and_rejects_a_real_difference():
@@ -69,7 +69,7 @@ def test_register_refuses_a_second_identity_with_the_same_id():
     check = lambda v: exact(1.0, 1.0)  # noqa: E731
     a = Identity(id="unit-test-dup", chapter="x", statement="", numeric=check, wrong=("a",))
     b = Identity(id="unit-test-dup", chapter="x", statement="", numeric=check, wrong=("a",))
-    from elbo_terms.identity import IDENTITIES
+    from elbo_terms.build.identity import IDENTITIES
 
     try:
         register(a)
@@ -88,3 +88,44 @@ def test_failure_message_names_identity_chapter_and_numbers():
     assert not r.passed
     for part in ("one-is-two", "'ch'", "eq-x", "FAILED", "lhs=1", "rhs=2"):
         assert part in msg
+
+
+def test_inequality_needs_a_gap_of_k_standard_errors():
+    from elbo_terms.build.identity import inequality
+
+    assert inequality(1.0, 2.0, "<").passed
+    assert not inequality(2.0, 1.0, "<").passed
+    assert not inequality(1.0, 1.0, "<").passed and inequality(1.0, 1.0, "<=").passed
+    assert inequality(3.0, 1.0, ">", lhs_se=0.1, rhs_se=0.1).passed  # gap 2 > 5 * 0.14
+    assert not inequality(1.3, 1.0, ">", lhs_se=0.1, rhs_se=0.1).passed  # gap 0.3 < 5 * 0.14
+    with pytest.raises(ValueError, match="relation"):
+        inequality(1.0, 2.0, "=")
+
+
+def test_interval_needs_the_value_k_standard_errors_inside():
+    from elbo_terms.build.identity import interval
+
+    assert interval(15.0, 14.0, 16.0, se=0.1).passed
+    assert not interval(15.0, 14.0, 16.0, se=0.3).passed  # 1 < 5 * 0.3
+    assert not interval(17.0, 14.0, 16.0).passed
+    with pytest.raises(ValueError, match="lo < hi"):
+        interval(1.0, 2.0, 1.0)
+
+
+def test_a_claim_is_recorded_with_its_kind():
+    from elbo_terms.build.identity import inequality
+
+    claim = Identity(
+        id="unit-claim",
+        chapter="c",
+        statement="a < b",
+        kind="claim",
+        numeric=lambda v: inequality(1.0, 2.0 if v is None else 0.5, "<"),
+        wrong=("flipped",),
+    )
+    result = Result(claim, None, claim.numeric(None))
+    assert result.passed and result.as_dict()["kind"] == "claim"
+    assert result.as_dict()["numeric"]["relation"] == "<"
+    assert not Result(claim, None, claim.numeric("flipped")).passed
+    with pytest.raises(ValueError, match="kind"):
+        Identity(id="x", chapter="c", statement="s", kind="guess", numeric=lambda v: None, wrong=("w",))

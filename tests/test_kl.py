@@ -7,11 +7,11 @@ import pyro.distributions as dist
 import pytest
 import sympy as sp
 import torch
-from elbo_terms import conjugate as C
 from elbo_terms import decompose
-from elbo_terms import kl as K
 from elbo_terms._util import float64, seeded, t64
-from elbo_terms.identity import IDENTITIES, monte_carlo, proves_zero
+from elbo_terms.build.identity import IDENTITIES, monte_carlo, proves_zero
+from elbo_terms.chapters import conjugate as C
+from elbo_terms.chapters import kl as K
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
@@ -138,7 +138,7 @@ def test_spread_falls_with_particles_and_neither_estimator_always_wins():
 
 # ------------------------------------------------------------------ drift and state
 def test_mean_field_drift_check_fails_on_a_doctored_source():
-    from elbo_terms.trace_source import count_found, installed_source
+    from elbo_terms.chapters.trace_source import count_found, installed_source
 
     def source(key):
         return installed_source(key).replace("kl_qp = kl_divergence(", "kl_qp = my_kl(")

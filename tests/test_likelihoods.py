@@ -11,9 +11,9 @@ import sympy as sp
 import sympy.stats as st
 import torch
 import torch.nn.functional as F
-from elbo_terms import likelihoods as L
 from elbo_terms._util import float64, t64
-from elbo_terms.identity import IDENTITIES, proves_zero
+from elbo_terms.build.identity import IDENTITIES, proves_zero
+from elbo_terms.chapters import likelihoods as L
 
 CHAPTER_FILE = Path(__file__).resolve().parent.parent / "book" / "likelihoods-as-losses.md"
 IDS = sorted(i for i, v in IDENTITIES.items() if v.chapter == L.CHAPTER)
@@ -114,8 +114,8 @@ def test_maximize_over_sigma_reports_no_convergence():
 
 def test_beta_model_scales_only_the_prior_term():
     """Trace_ELBO of the beta model, the guide scaled alike: -log p(x|z) + beta (log q - log p(z))."""
-    from elbo_terms import denoising as dn
     from elbo_terms._util import seeded
+    from elbo_terms.chapters import denoising as dn
     from pyro import poutine
     from pyro.infer import Trace_ELBO
 

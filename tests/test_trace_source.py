@@ -3,10 +3,10 @@
 import pyro
 import pytest
 import torch
-from elbo_terms import conjugate as C
-from elbo_terms import trace_source as T
 from elbo_terms._util import float64, seeded
-from elbo_terms.identity import IDENTITIES
+from elbo_terms.build.identity import IDENTITIES
+from elbo_terms.chapters import conjugate as C
+from elbo_terms.chapters import trace_source as T
 
 
 # ------------------------------------------------------------------ the drift check
@@ -146,8 +146,8 @@ def test_traces_draw_like_trace_elbo():
 
 def test_a_drifted_pyro_fails_verify_as_the_build_would(monkeypatch):
     """What the chapter's cell runs: on a Pyro whose source changed, verify() raises, naming the identity."""
-    from elbo_terms.book import verify
-    from elbo_terms.identity import IdentityFailed
+    from elbo_terms.build.book import verify
+    from elbo_terms.build.identity import IdentityFailed
 
     original = T.installed_source
     monkeypatch.setattr(T, "installed_source", lambda key: original(key).replace("loss = -elbo", "loss = elbo"))

@@ -11,8 +11,8 @@ import warnings
 import pyro
 import pytest
 import torch
-from elbo_terms import vae as V
 from elbo_terms._util import seeded
+from elbo_terms.chapters import vae as V
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 
@@ -101,7 +101,7 @@ def test_monte_carlo_kl_averages_to_the_closed_form(x):
 
 def test_unbiasedness_check_detects_a_one_percent_bias(x):
     """The statistical check is not vacuous: shifting the samples by 1 % of the loss makes it fail."""
-    from elbo_terms.identity import monte_carlo
+    from elbo_terms.build.identity import monte_carlo
 
     diffs = torch.tensor(V.subsample_differences())
     full = abs(V.pyro_loss(Trace_ELBO(), V.build_vae(), x, seed=19))
@@ -111,7 +111,7 @@ def test_unbiasedness_check_detects_a_one_percent_bias(x):
 
 def test_unbiasedness_check_refuses_too_few_draws():
     with pytest.raises(ValueError, match="too few"):
-        from elbo_terms.identity import monte_carlo
+        from elbo_terms.build.identity import monte_carlo
 
         monte_carlo(V.subsample_differences(draws=50), 0.0, scale=1e5)
 
@@ -207,7 +207,7 @@ def test_every_displayed_identity_is_its_registered_statement():
     """The chapter's displays and the registered statements (public: the ledger shows them) stay in sync."""
     from pathlib import Path
 
-    from elbo_terms.identity import IDENTITIES
+    from elbo_terms.build.identity import IDENTITIES
 
     text = (Path(__file__).resolve().parent.parent / "book" / "vae-bridge.md").read_text()
     shown = _displays(text)

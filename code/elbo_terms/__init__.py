@@ -1,15 +1,18 @@
-"""elbo_terms: what Pyro's Trace_ELBO computes, checked term by term.
+"""elbo_terms: what Pyro's Trace_ELBO computes, term by term, for your own model.
 
-* :func:`decompose` -- the per-term ELBO of your own model and guide.
-* ``IDENTITIES`` -- every identity the book states, with its SymPy proof and its
-  numeric check against Pyro (see :mod:`elbo_terms.identity`).
+The library a reader imports (torch and Pyro only; no SymPy, none of the book's modules):
 
-The check modules, one per chapter, register their identities when imported.
+* :func:`decompose` -- the per-term ELBO of your model and guide, on the draws a fresh
+  ``Trace_ELBO`` would make: reconstruction, log prior, log q, the Monte Carlo KL, and the
+  closed-form KL where torch has one.
+* :class:`Decomposition`, :class:`DecomposeError`, :class:`ScaleMismatchWarning`.
+
+The rest of the package serves the book: ``elbo_terms.chapters`` holds one module per chapter
+(its models and the identities it states), ``elbo_terms.build`` the checking machinery (the
+identity registry, what chapters call while they execute, the Sphinx extensions).
 """
 
-from . import conjugate, gradients, kl, likelihoods, trace_source, vae  # noqa: F401  (register identities)
-from .decompose import decompose
-from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, exact, monte_carlo
+from .decomposition import DecomposeError, Decomposition, ScaleMismatchWarning, decompose
 
-__all__ = ["decompose", "IDENTITIES", "Identity", "IdentityFailed", "Numeric", "exact", "monte_carlo"]
+__all__ = ["decompose", "Decomposition", "DecomposeError", "ScaleMismatchWarning"]
 __version__ = "0.1.0"

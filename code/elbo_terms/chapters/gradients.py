@@ -30,9 +30,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch.distributions import Normal
 
+from .._util import float64, seeded, t64
+from ..build.identity import Identity, Numeric, exact, monte_carlo, register
 from . import conjugate as C
-from ._util import float64, seeded, t64
-from .identity import Identity, Numeric, exact, monte_carlo, register
 
 CHAPTER = "gradients"
 

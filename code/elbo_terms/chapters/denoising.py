@@ -27,8 +27,8 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 from torch.distributions import constraints
 
-from ._util import float64, seeded, t64
-from .identity import Identity, exact, monte_carlo, register
+from .._util import float64, seeded, t64
+from ..build.identity import Identity, exact, monte_carlo, register
 
 CHAPTER = "likelihoods-as-losses"
 

@@ -28,8 +28,8 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from torch import nn
 
-from ._util import float64, seeded
-from .identity import Identity, exact, monte_carlo, register
+from .._util import float64, seeded
+from ..build.identity import Identity, exact, monte_carlo, register
 
 CHAPTER = "vae-bridge"
 

@@ -18,8 +18,8 @@ import torch
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from ._util import float64, seeded, t64
-from .identity import Identity, exact, monte_carlo, register
+from .._util import float64, seeded, t64
+from ..build.identity import Identity, exact, monte_carlo, register
 
 CHAPTER = "elbo"
 

@@ -23,9 +23,9 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import Adam
 from torch.distributions import constraints
 
-from ._util import float64, seeded
-from .decompose import decompose
-from .identity import IdentityFailed
+from .._util import float64, seeded
+from ..build.identity import IdentityFailed
+from ..decomposition import decompose
 
 NOISE_SD, PRIOR_MEAN, PRIOR_SD = 0.3, 0.5, 0.5
 DIGIT, DATA_SEED, FIT_STEPS, FIT_SEED, DRAW_SEED = 0, 0, 400, 0, 7

@@ -25,9 +25,9 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
+from .._util import float64, seeded, t64
+from ..build.identity import Identity, Numeric, exact, monte_carlo, register
 from . import conjugate as C
-from ._util import float64, seeded, t64
-from .identity import Identity, Numeric, exact, monte_carlo, register
 from .trace_source import SourceLine, count_found, traces
 
 CHAPTER = "reconstruction-and-kl"
@@ -455,6 +455,7 @@ def num_mean_field_source(variant=None) -> Numeric:
 register(
     Identity(
         id="trace-mean-field-source-drift",
+        kind="source",
         chapter=CHAPTER,
         label=None,
         statement=r"\#\{\text{lines of TraceMeanField\_ELBO quoted by the text found in the installed Pyro}\}"

@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
+from .._util import float64, seeded, t64
+from ..build.identity import Identity, exact, register
 from . import denoising as dn
-from ._util import float64, seeded, t64
-from .identity import Identity, exact, register
 
 CHAPTER = "likelihoods-as-losses"
 

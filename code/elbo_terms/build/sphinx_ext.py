@@ -73,6 +73,7 @@ def collect_records(app, env) -> list[dict]:
 
 
 def check_records(app, env):
+    from .. import chapters  # noqa: F401  (registers every identity)
     from .identity import IDENTITIES
 
     records = collect_records(app, env)

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from ._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
+from .._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
 from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, proves_zero
 
 __all__ = ["verify", "Result", "number", "math_lines", "show_source", "figure", "seeded", "float64", "LEDGER_PREFIX"]
@@ -39,6 +39,7 @@ class Result:
         i = self.identity
         return {
             "id": i.id,
+            "kind": i.kind,
             "chapter": i.chapter,
             "label": i.label,
             "statement": i.statement,
@@ -51,10 +52,16 @@ class Result:
 
     def message(self) -> str:
         i, n = self.identity, self.numeric
-        parts = [f"identity '{i.id}' (chapter '{i.chapter}', equation {i.label or '-'})"]
+        parts = [f"{i.kind} '{i.id}' (chapter '{i.chapter}', equation {i.label or '-'})"]
         if self.symbolic is not None:
             parts.append("SymPy: " + ("proved" if self.symbolic else "NOT proved (lhs - rhs does not simplify to 0)"))
-        if n is not None:
+        if n is not None and n.relation != "=":
+            rel = ">" if n.passed else "<="
+            parts.append(
+                f"{n.kind}: lhs={_fmt(n.lhs)} {n.relation} rhs={_fmt(n.rhs)}; "
+                f"gap={_fmt(n.gap)} {rel} margin={n.tolerance:.3g} (k={n.detail.get('k')} standard errors)"
+            )
+        elif n is not None:
             rel = "<=" if n.passed else ">"
             parts.append(
                 f"{n.kind}: lhs={_fmt(n.lhs)} rhs={_fmt(n.rhs)} "
@@ -74,7 +81,10 @@ class Result:
         bits = [f'<strong>{mark} <a href="ledger.html#identity-{ident}"><code>{ident}</code></a></strong>']
         if self.symbolic is not None:
             bits.append("SymPy " + ("proved" if self.symbolic else "not proved"))
-        if n is not None:
+        if n is not None and n.relation != "=":
+            rel = html.escape(n.relation)
+            bits.append(f"claim {rel}: gap {n.gap:.3g} &gt; {n.detail.get('k'):g} s.e. = {n.tolerance:.2g}")
+        elif n is not None:
             what = "same draw" if n.kind == "exact" else f"Monte Carlo (n = {n.detail.get('n')})"
             bits.append(f"{what}: |&Delta;| = {n.abs_error:.1e} &le; {n.tolerance:.1e}")
         short = i.code.removeprefix("elbo_terms.")

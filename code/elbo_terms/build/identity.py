@@ -12,13 +12,26 @@ An :class:`Identity` couples
   a factor of 2, ...). Passing one of them as ``variant`` must make the *same* checks
   fail; ``tests/test_identities.py`` shows that it does, for every identity.
 
-Two kinds of numeric comparison:
+Every record has a ``kind``:
+
+* ``"identity"`` -- an equation the book displays (``lhs = rhs``);
+* ``"claim"`` -- a comparison the prose makes ("B has less variance", "about 15 times"):
+  an inequality or an interval, judged with a margin of ``k`` standard errors;
+* ``"source"`` -- a regression check that quoted lines of Pyro's source are still there
+  (it protects the book; it is not an identity and is counted apart).
+
+Four kinds of numeric comparison:
 
 * :func:`exact` -- same-draw identities: ``|lhs - rhs| <= rtol * max(|lhs|, |rhs|) + atol``
   with ``rtol = 1e-9`` by default (float64).
 * :func:`monte_carlo` -- an average of ``n`` independent draws against an exact value:
   ``|mean - exact| <= k * stderr`` with ``k = 5`` by default, and the check refuses to
   run when the bound is too wide to mean anything (``k * stderr > max_rel_width * |exact|``).
+* :func:`inequality` -- a claim ``lhs < rhs`` (or ``>``, ``<=``, ``>=``): the signed gap
+  (positive when the claim holds) must exceed ``k`` combined standard errors of the two
+  sides (0 when both are exact, so an exact strict inequality needs a positive gap).
+* :func:`interval` -- a claim ``lo < value < hi`` ("about 15 times" stated as 14 to 16): the
+  value must sit more than ``k`` standard errors inside the interval.
 """
 
 from __future__ import annotations
@@ -30,6 +43,9 @@ from dataclasses import dataclass, field
 import sympy
 
 __all__ = [
+    "KINDS",
+    "inequality",
+    "interval",
     "Identity",
     "Numeric",
     "IdentityFailed",
@@ -45,6 +61,10 @@ ATOL = 1e-12
 K_STDERR = 5.0
 
 
+KINDS = ("identity", "claim", "source")
+RELATIONS = ("=", "<", ">", "<=", ">=", "in")
+
+
 class IdentityFailed(AssertionError):
     """Raised when an identity stated in the book does not hold."""
 
@@ -57,21 +77,37 @@ class Numeric:
     rhs: float
     abs_error: float
     tolerance: float
-    kind: str  # "exact" or "monte-carlo"
+    kind: str  # "exact", "monte-carlo", "inequality" or "interval"
     detail: dict = field(default_factory=dict)
+    relation: str = "="  # "=", "<", ">", "<=", ">=" or "in" (an interval)
+
+    @property
+    def gap(self) -> float | None:
+        """For a claim: how far it holds (positive) or fails (negative), before the margin."""
+        return self.detail.get("gap")
 
     @property
     def passed(self) -> bool:
-        return math.isfinite(self.abs_error) and self.abs_error <= self.tolerance
+        if self.relation == "=":
+            return math.isfinite(self.abs_error) and self.abs_error <= self.tolerance
+        gap = self.gap
+        if gap is None or not math.isfinite(gap) or not math.isfinite(self.tolerance):
+            return False
+        return gap >= self.tolerance if self.relation in ("<=", ">=") else gap > self.tolerance
 
     def as_dict(self) -> dict:
-        return {
+        out = {
             "lhs": self.lhs,
             "rhs": self.rhs,
             "abs_error": self.abs_error,
             "tolerance": self.tolerance,
             "kind": self.kind,
+            "relation": self.relation,
         }
+        for key in ("lhs_is", "rhs_is", "gap", "stderr", "k", "n", "lo", "hi"):
+            if key in self.detail:
+                out[key] = self.detail[key]
+        return out
 
 
 def _as_float_array(x):
@@ -135,6 +171,51 @@ def monte_carlo(
     return Numeric(mean, exact_value, abs(mean - exact_value), width, "monte-carlo", {"n": n, "stderr": stderr, "k": k})
 
 
+def inequality(
+    lhs,
+    rhs,
+    relation: str,
+    lhs_se: float = 0.0,
+    rhs_se: float = 0.0,
+    k: float = K_STDERR,
+    lhs_is: str | None = None,
+    rhs_is: str | None = None,
+) -> Numeric:
+    """A claim ``lhs <relation> rhs``, judged with a margin of ``k`` standard errors.
+
+    ``lhs_se`` and ``rhs_se`` are the standard errors of the two sides (0 for an exact
+    value). The claim passes when the signed gap (``rhs - lhs`` for ``<``, ``lhs - rhs`` for
+    ``>``) exceeds ``k * sqrt(lhs_se**2 + rhs_se**2)``. ``lhs_is``/``rhs_is`` say in words
+    what the two numbers are (for the ledger).
+    """
+    if relation not in ("<", ">", "<=", ">="):
+        raise ValueError(f"inequality(): relation must be one of <, >, <=, >=; got {relation!r}")
+    lhs, rhs, lhs_se, rhs_se = float(lhs), float(rhs), float(lhs_se), float(rhs_se)
+    if lhs_se < 0 or rhs_se < 0:
+        raise ValueError("inequality(): standard errors must be >= 0")
+    gap = rhs - lhs if relation.startswith("<") else lhs - rhs
+    se = math.sqrt(lhs_se**2 + rhs_se**2)
+    detail = {"gap": gap, "stderr": se, "k": k}
+    detail.update({key: v for key, v in (("lhs_is", lhs_is), ("rhs_is", rhs_is)) if v is not None})
+    return Numeric(lhs, rhs, abs(lhs - rhs), k * se, "inequality", detail, relation)
+
+
+def interval(value, lo: float, hi: float, se: float = 0.0, k: float = K_STDERR, value_is: str | None = None) -> Numeric:
+    """A claim ``lo < value < hi`` ("about 15 times"), judged with a margin of ``k`` standard errors.
+
+    Reported with ``lhs = value`` and ``rhs = (lo + hi) / 2``; the gap is the distance to the
+    nearer end (negative outside), and it must exceed ``k * se``.
+    """
+    value, lo, hi, se = float(value), float(lo), float(hi), float(se)
+    if not lo < hi:
+        raise ValueError(f"interval(): need lo < hi, got {lo} and {hi}")
+    gap = min(value - lo, hi - value)
+    detail = {"gap": gap, "stderr": se, "k": k, "lo": lo, "hi": hi}
+    if value_is is not None:
+        detail["lhs_is"] = value_is
+    return Numeric(value, (lo + hi) / 2, abs(value - (lo + hi) / 2), k * se, "interval", detail, "in")
+
+
 def proves_zero(expr) -> bool:
     """True when SymPy simplifies ``expr`` (a difference ``lhs - rhs``) to exactly 0."""
     if isinstance(expr, bool):
@@ -155,10 +236,13 @@ class Identity:
     numeric: Callable[[str | None], Numeric] | None = None
     wrong: tuple = ()
     summary: str = ""
+    kind: str = "identity"  # "identity", "claim" or "source" (see the module's docstring)
 
     def __post_init__(self):
         import re
 
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.id!r}: kind must be one of {KINDS}, got {self.kind!r}")
         if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", self.id):
             raise ValueError(f"identity id {self.id!r} is not kebab-case")
         if self.symbolic is None and self.numeric is None:

@@ -36,9 +36,9 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.optim import SGD
 from pyro.poutine.util import prune_subsample_sites
 
+from .._util import float64, seeded, t64
+from ..build.identity import Identity, Numeric, exact, register
 from . import conjugate as C
-from ._util import float64, seeded, t64
-from .identity import Identity, Numeric, exact, register
 
 CHAPTER = "inside-trace-elbo"
 
@@ -258,6 +258,7 @@ def num_source_drift(variant=None, source: Callable[[str], str] | None = None) -
 register(
     Identity(
         id="trace-elbo-source-drift",
+        kind="source",
         chapter=CHAPTER,
         label=None,
         statement=r"\#\{\text{lines quoted by the text found in the installed Pyro}\} = \#\{\text{lines quoted}\}",
