@@ -123,12 +123,15 @@ def _as_float_array(x):
     return [float(x)]
 
 
-def exact(lhs, rhs, rtol: float = RTOL, atol: float = ATOL) -> Numeric:
+def exact(
+    lhs, rhs, rtol: float = RTOL, atol: float = ATOL, lhs_is: str | None = None, rhs_is: str | None = None
+) -> Numeric:
     """Same-draw comparison: ``|lhs - rhs| <= rtol * max(|lhs|, |rhs|) + atol``.
 
     ``lhs`` and ``rhs`` are floats or float64 tensors of one shape; for tensors the
     error is the largest elementwise error and ``lhs``/``rhs`` are reported as
-    Euclidean norms.
+    Euclidean norms (and labelled so in the record). ``lhs_is``/``rhs_is`` say in words
+    what the two reported numbers are, when they are not plainly the statement's two sides.
     """
     a, b = _as_float_array(lhs), _as_float_array(rhs)
     if len(a) != len(b):
@@ -139,11 +142,22 @@ def exact(lhs, rhs, rtol: float = RTOL, atol: float = ATOL) -> Numeric:
         l, r = a[0], b[0]
     else:
         l, r = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
-    return Numeric(l, r, err, rtol * scale + atol, "exact", {"rtol": rtol, "atol": atol, "size": len(a)})
+    detail = {"rtol": rtol, "atol": atol, "size": len(a)}
+    if len(a) > 1:
+        detail["lhs_is"] = f"Euclidean norm of the left side's {len(a)} values"
+        detail["rhs_is"] = f"Euclidean norm of the right side's {len(b)} values"
+    detail.update({key: v for key, v in (("lhs_is", lhs_is), ("rhs_is", rhs_is)) if v is not None})
+    return Numeric(l, r, err, rtol * scale + atol, "exact", detail)
 
 
 def monte_carlo(
-    samples, exact_value: float, k: float = K_STDERR, max_rel_width: float = 0.05, scale: float | None = None
+    samples,
+    exact_value: float,
+    k: float = K_STDERR,
+    max_rel_width: float = 0.05,
+    scale: float | None = None,
+    lhs_is: str | None = None,
+    rhs_is: str | None = None,
 ) -> Numeric:
     """Monte Carlo comparison: ``|mean(samples) - exact| <= k * stderr``.
 
@@ -168,7 +182,9 @@ def monte_carlo(
             f"monte_carlo(): bound k*stderr = {width:.3g} is wider than "
             f"{max_rel_width:g} x {scale:.3g}; take more samples"
         )
-    return Numeric(mean, exact_value, abs(mean - exact_value), width, "monte-carlo", {"n": n, "stderr": stderr, "k": k})
+    detail = {"n": n, "stderr": stderr, "k": k}
+    detail.update({key: v for key, v in (("lhs_is", lhs_is), ("rhs_is", rhs_is)) if v is not None})
+    return Numeric(mean, exact_value, abs(mean - exact_value), width, "monte-carlo", detail)
 
 
 def inequality(
