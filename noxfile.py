@@ -48,3 +48,102 @@ def bench(session):
     if (ROOT / "tests" / "bench_decompose.py").exists():
         session.run("python", "tests/bench_decompose.py")
     session.run("python", "tests/bench_build.py", *session.posargs)
+
+
+def _pins(*names):
+    """The exact pins of ``names`` in requirements.txt (``name==version``), in the order given."""
+    pins = {}
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[name.strip().lower()] = f"{name.strip()}=={version.strip()}"
+    missing = [n for n in names if n.lower() not in pins]
+    if missing:
+        raise ValueError(f"requirements.txt pins no version of {missing}")
+    return [pins[n.lower()] for n in names]
+
+
+@nox.session
+def versions(session):
+    """The identity, claim and source checks under every Pyro release from 1.8.0 to the pinned one.
+
+    Writes book/_data/pyro-versions.json (the ledger page's version matrix). Each release is
+    installed without dependencies, beside the pinned torch, into its own folder of this
+    session's venv; a release that does not install or import is recorded as such.
+    Options after --: release numbers to check only those (e.g. -- 1.8.6 1.9.2) -- the record
+    then keeps the other releases' rows from its last full run.
+    """
+    import datetime
+    import json
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from packaging.version import Version
+
+    torch_pin, pyro_pin = _pins("torch", "pyro-ppl")
+    pinned = pyro_pin.split("==")[1]
+    # the book's dependencies except Pyro itself (pins from requirements.txt) and Pyro's own;
+    # elbo_terms is imported from code/ (PYTHONPATH), each Pyro from its own folder
+    session.install(torch_pin, *_pins("sympy", "numpy", "scikit-learn", "matplotlib"), "pyro-api", "opt_einsum", "tqdm")
+    listing = session.run("python", "-m", "pip", "index", "versions", "pyro-ppl", silent=True, log=False)
+    line = next(ln for ln in listing.splitlines() if ln.startswith("Available versions:"))
+    found = [Version(v.strip()) for v in line.split(":", 1)[1].split(",")]
+    releases = sorted(str(v) for v in found if not v.is_prerelease and Version("1.8.0") <= v <= Version(pinned))
+    releases.sort(key=Version)
+    wanted = session.posargs or releases
+    session.log(f"Pyro releases from 1.8.0 to {pinned}: {', '.join(releases)}; checking {', '.join(wanted)}")
+
+    site = ROOT / ".nox" / "versions-pyro"
+    script = str(ROOT / ".ci" / "pyro_versions.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def check(release):
+        target = site / release
+        if not (target / "pyro").is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+            out = session.run(
+                "python", "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target),
+                f"pyro-ppl=={release}", silent=True, success_codes=range(256), log=False,
+            )  # fmt: skip
+            if not (target / "pyro").is_dir():
+                tail = " ".join((out or "").split())[-500:]
+                return {"pyro": release, "status": "install-failed", "error": tail, "checks": {}}
+        env_release = dict(env, PYTHONPATH=os.pathsep.join([str(target), str(ROOT / "code")]))
+        result = target.with_suffix(".json")
+        result.unlink(missing_ok=True)
+        out = ""
+        try:
+            out = session.run(
+                "python", script, str(result), env=env_release, silent=True, success_codes=range(256), log=False
+            )  # fmt: skip
+            row = json.loads(result.read_text())
+        except Exception as exc:  # killed, or wrote no row: record how it ended
+            tail = " ".join(str(out or exc).split())[-500:]
+            return {"pyro": release, "status": "crashed", "error": tail, "checks": {}}
+        if row["pyro"] is not None and row["pyro"] != release:
+            row.update(status="import-failed", error=f"imported Pyro {row['pyro']}, not {release}", checks={})
+        row["pyro"] = release
+        row.pop("torch", None)
+        bad = [iid for iid, c in row["checks"].items() if not c["passed"]]
+        session.log(f"Pyro {release}: {row['status']}; {len(row['checks']) - len(bad)} passed, {len(bad)} failed")
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        rows = list(pool.map(check, wanted))
+
+    path = ROOT / "book" / "_data" / "pyro-versions.json"
+    old = json.loads(path.read_text()) if path.is_file() else {"versions": []}
+    by_release = {row["pyro"]: row for row in old["versions"] if row["pyro"] in releases}
+    by_release.update({row["pyro"]: row for row in rows})
+    torch_version = session.run("python", "-c", "import torch; print(torch.__version__)", silent=True, log=False)
+    record = {
+        "command": "nox -s versions",
+        "date": datetime.date.today().isoformat(),
+        "torch": torch_version.strip(),
+        "pinned": pinned,
+        "versions": [by_release[r] for r in sorted(by_release, key=Version)],
+    }
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    session.log(f"wrote {path.relative_to(ROOT)}")

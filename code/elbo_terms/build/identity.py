@@ -44,6 +44,7 @@ import sympy
 
 __all__ = [
     "KINDS",
+    "NUMERIC_FIELDS",
     "inequality",
     "interval",
     "Identity",
@@ -96,18 +97,46 @@ class Numeric:
         return gap >= self.tolerance if self.relation in ("<=", ">=") else gap > self.tolerance
 
     def as_dict(self) -> dict:
+        """The comparison as the ledger records it: always the keys of :data:`NUMERIC_FIELDS`.
+
+        A key that does not apply to this kind of comparison is ``None`` (so every record has
+        one shape); ``book/ledger.md`` documents each key.
+        """
         out = {
+            "kind": self.kind,
+            "relation": self.relation,
             "lhs": self.lhs,
             "rhs": self.rhs,
             "abs_error": self.abs_error,
             "tolerance": self.tolerance,
-            "kind": self.kind,
-            "relation": self.relation,
         }
-        for key in ("lhs_is", "rhs_is", "gap", "stderr", "k", "n", "lo", "hi"):
-            if key in self.detail:
-                out[key] = self.detail[key]
+        for key in NUMERIC_FIELDS[len(out) :]:
+            value = self.detail.get(key)
+            out[key] = list(value) if isinstance(value, (list, tuple)) else value
         return out
+
+
+#: the keys of :meth:`Numeric.as_dict`, in order (the ledger page documents each)
+NUMERIC_FIELDS = (
+    "kind",
+    "relation",
+    "lhs",
+    "rhs",
+    "abs_error",
+    "tolerance",
+    "lhs_is",
+    "rhs_is",
+    "lhs_se",
+    "rhs_se",
+    "stderr",
+    "k",
+    "gap",
+    "n",
+    "lo",
+    "hi",
+    "component",
+    "missing",
+)
 
 
 def _as_float_array(x):
@@ -182,7 +211,7 @@ def monte_carlo(
             f"monte_carlo(): bound k*stderr = {width:.3g} is wider than "
             f"{max_rel_width:g} x {scale:.3g}; take more samples"
         )
-    detail = {"n": n, "stderr": stderr, "k": k}
+    detail = {"n": n, "stderr": stderr, "k": k, "lhs_se": stderr, "rhs_se": 0.0}
     detail.update({key: v for key, v in (("lhs_is", lhs_is), ("rhs_is", rhs_is)) if v is not None})
     return Numeric(mean, exact_value, abs(mean - exact_value), width, "monte-carlo", detail)
 
@@ -211,7 +240,7 @@ def inequality(
         raise ValueError("inequality(): standard errors must be >= 0")
     gap = rhs - lhs if relation.startswith("<") else lhs - rhs
     se = math.sqrt(lhs_se**2 + rhs_se**2)
-    detail = {"gap": gap, "stderr": se, "k": k}
+    detail = {"gap": gap, "stderr": se, "k": k, "lhs_se": lhs_se, "rhs_se": rhs_se}
     detail.update({key: v for key, v in (("lhs_is", lhs_is), ("rhs_is", rhs_is)) if v is not None})
     return Numeric(lhs, rhs, abs(lhs - rhs), k * se, "inequality", detail, relation)
 
@@ -226,7 +255,8 @@ def interval(value, lo: float, hi: float, se: float = 0.0, k: float = K_STDERR, 
     if not lo < hi:
         raise ValueError(f"interval(): need lo < hi, got {lo} and {hi}")
     gap = min(value - lo, hi - value)
-    detail = {"gap": gap, "stderr": se, "k": k, "lo": lo, "hi": hi}
+    detail = {"gap": gap, "stderr": se, "k": k, "lo": lo, "hi": hi, "lhs_se": se, "rhs_se": 0.0}
+    detail["rhs_is"] = f"midpoint of the stated interval ({lo:g}, {hi:g})"
     if value_is is not None:
         detail["lhs_is"] = value_is
     return Numeric(value, (lo + hi) / 2, abs(value - (lo + hi) / 2), k * se, "interval", detail, "in")
