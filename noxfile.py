@@ -110,7 +110,7 @@ def versions(session):
                 tail = " ".join((out or "").split())[-500:]
                 return {"pyro": release, "status": "install-failed", "error": tail, "checks": {}}
         env_release = dict(env, PYTHONPATH=os.pathsep.join([str(target), str(ROOT / "code")]))
-        result = target.with_suffix(".json")
+        result = site / f"{release}.json"
         result.unlink(missing_ok=True)
         out = ""
         try:

@@ -21,8 +21,14 @@ import traceback
 
 
 def _error(exc: BaseException) -> str:
-    """The last line of a traceback: the exception's type and message, on one line."""
+    """The exception's type and message, and where it was raised (file, line, code), on one line."""
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    frames = traceback.extract_tb(exc.__traceback__)
+    if frames:
+        last = frames[-1]
+        parts = last.filename.replace("\\", "/").split("/")
+        where = "/".join(parts[-3:])
+        text += f" (at {where}:{last.lineno}: {(last.line or '').strip()})"
     return " ".join(text.split())[:2000]
 
 

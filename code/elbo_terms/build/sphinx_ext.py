@@ -34,6 +34,7 @@ from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective, SphinxRole
 
 from .book import LEDGER_PREFIX
+from .identity import NUMERIC_FIELDS
 
 logger = logging.getLogger(__name__)
 
@@ -455,10 +456,18 @@ def _version_key(v: str):
     return tuple(parts)
 
 
+def _versions_path(app) -> Path | None:
+    """The book's version record; a partial or throwaway copy of the book uses the project's."""
+    for path in (Path(app.srcdir) / VERSIONS_RECORD, Path(app.confdir) / "book" / VERSIONS_RECORD):
+        if path.is_file():
+            return path
+    return None
+
+
 def load_versions(app) -> dict | None:
     """The record ``nox -s versions`` wrote (``book/_data/pyro-versions.json``), or None."""
-    path = Path(app.srcdir) / VERSIONS_RECORD
-    if not path.is_file():
+    path = _versions_path(app)
+    if path is None:
         return None
     data = json.loads(path.read_text(encoding="utf8"))
     data["versions"] = sorted(data.get("versions", []), key=lambda row: _version_key(row["pyro"]))
@@ -641,12 +650,20 @@ def fill_ledger(app, doctree, fromdocname):
             node.replace_self(versions_sentence(app, fromdocname, load_versions(app), records))
 
 
+def _json_record(rec: dict) -> dict:
+    """One record with the fields of :data:`RECORD_FIELDS` (and its numeric part's keys) in their order."""
+    out = {k: rec.get(k) for k in RECORD_FIELDS}
+    if out["numeric"] is not None:
+        out["numeric"] = {k: out["numeric"].get(k) for k in NUMERIC_FIELDS}
+    return out
+
+
 def ledger_json(records, versions: dict) -> dict:
     """The content of ``ledger.json``: versions, counts, and the records in three lists."""
     out = dict(versions)
     out["counts"] = counts_of(records)
     for kind, (key, _, _) in SECTIONS.items():
-        out[key] = [{k: rec.get(k) for k in RECORD_FIELDS} for rec in records if rec["kind"] == kind]
+        out[key] = [_json_record(rec) for rec in records if rec["kind"] == kind]
     return out
 
 
@@ -660,8 +677,8 @@ def write_json(app, exception):
     versions = {"pyro": pyro.__version__, "torch": torch.__version__, "sympy": sympy.__version__}
     out = ledger_json(_records(app), versions)
     Path(app.outdir, "ledger.json").write_text(json.dumps(out, indent=2, sort_keys=False) + "\n", encoding="utf8")
-    record = Path(app.srcdir) / VERSIONS_RECORD
-    if record.is_file():
+    record = _versions_path(app)
+    if record is not None:
         shutil.copyfile(record, Path(app.outdir) / record.name)
 
 
