@@ -14,24 +14,38 @@ HEADER = f"---\n{FRONT}---\n"
 
 @pytest.mark.book
 def test_the_book_builds_strictly_and_every_identity_passed(built_book):
+    from elbo_terms.build.identity import NUMERIC_FIELDS
+    from elbo_terms.build.sphinx_ext import RECORD_FIELDS
+
     ledger = built_book.ledger()
-    assert {"pyro", "torch", "sympy", "identities"} <= ledger.keys()
+    lists = {"identities": "identity", "claims": "claim", "source_checks": "source"}
+    assert set(ledger) == {"pyro", "torch", "sympy", "counts", *lists}
     import pyro
     import torch
 
     assert ledger["pyro"] == pyro.__version__ and ledger["torch"] == torch.__version__
-    rows = ledger["identities"]
-    assert rows, "ledger is empty"
-    for row in rows:
-        assert set(row) == {"id", "chapter", "label", "statement", "symbolic", "numeric", "passed"}, row["id"]
-        assert row["passed"] is True, row
-        num = row["numeric"]
-        if num is not None:
-            assert num["kind"] in {"exact", "monte-carlo"}
-            assert num["abs_error"] <= num["tolerance"], row["id"]
-    # every registered identity is in the ledger, once
+    assert ledger["identities"], "ledger is empty"
+    rows = []
+    for key, kind in lists.items():
+        for row in ledger[key]:
+            assert tuple(row) == RECORD_FIELDS, row["id"]
+            assert row["kind"] == kind, row["id"]
+            assert row["passed"] is True, row
+            num = row["numeric"]
+            if num is not None:
+                assert tuple(num) == NUMERIC_FIELDS, row["id"]
+                if kind == "claim":
+                    assert num["kind"] in {"inequality", "interval"} and num["gap"] is not None, row["id"]
+                else:
+                    assert num["kind"] in {"exact", "monte-carlo"}
+                    assert num["abs_error"] <= num["tolerance"], row["id"]
+            rows.append(row)
+    # every registered check is in the ledger, once, in the list of its kind
     ids = [r["id"] for r in rows]
     assert sorted(ids) == sorted(IDENTITIES), set(ids) ^ set(IDENTITIES)
+    assert all(IDENTITIES[r["id"]].kind == r["kind"] for r in rows)
+    assert ledger["counts"]["identities"] == len(ledger["identities"])
+    assert ledger["counts"]["source_checks"] == len(ledger["source_checks"]) >= 2
     assert len([r for r in rows if r["chapter"] == "elbo"]) >= 5
 
 
