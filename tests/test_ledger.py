@@ -144,7 +144,7 @@ def test_the_ledger_separates_the_kinds_and_counts_them(tmp_path):
     assert "There are 1 claims; every check holds for Pyro 1.9.0–1.9.2." in index
     assert (
         "Every identity, claim and source check holds for Pyro 1.9.0–1.9.2 (with torch 2.13.0, checked 2026-01-01); "
-        "on 1.8.6, 1 check fails; 1.8.0 cannot be installed or imported." in index
+        "on 1.8.6, 1 check fails; 1.8.0 cannot be installed or imported with this torch." in index
     ), index
 
     page = (build.html / "ledger.html").read_text()

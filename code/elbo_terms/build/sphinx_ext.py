@@ -534,7 +534,9 @@ def versions_sentence(app, fromdocname, data, records):
         n = {iid for row in s["failing"] for iid, c in row["checks"].items() if not c["passed"]}
         para += nodes.Text(f"; on {s['failing_text']}, {_plural(len(n), 'check fails', 'checks fail')}")
     if s["untested"]:
-        para += nodes.Text(f"; {', '.join(row['pyro'] for row in s['untested'])} cannot be installed or imported")
+        every = [row["pyro"] for row in data["versions"]]
+        untested = _runs(every, [row["pyro"] for row in s["untested"]])
+        para += nodes.Text(f"; {untested} cannot be installed or imported with this torch")
     stale = _stale(data, records)
     if stale:
         para += nodes.Text(f" ({_plural(len(stale), 'check', 'checks')} of this build are not in the record yet)")
@@ -599,12 +601,16 @@ def versions_matrix(app, fromdocname, data, records):
             items += item
         out.append(_para(text="Why a check fails, by the number in its cell:"))
         out.append(items)
-    untested = [row for row in data["versions"] if row["status"] != "ok"]
-    if untested:
+    every = [row["pyro"] for row in data["versions"]]
+    reasons = {}  # releases that could not be checked, grouped by the reason
+    for row in data["versions"]:
+        if row["status"] != "ok":
+            reasons.setdefault((row["status"], row.get("error") or ""), []).append(row["pyro"])
+    if reasons:
         para = _para(text="Releases that could not be checked: ")
-        for i, row in enumerate(untested):
-            para += nodes.Text(("; " if i else "") + f"{row['pyro']} ({row['status']}: ")
-            para += nodes.literal(text=row.get("error") or "")
+        for i, ((status, error), releases) in enumerate(reasons.items()):
+            para += nodes.Text(("; " if i else "") + f"{_runs(every, releases)} ({status}: ")
+            para += nodes.literal(text=error)
             para += nodes.Text(")")
         out.append(para)
     stale = _stale(data, records)
