@@ -977,7 +977,7 @@ def test_item1_vectorized_particles_paired_with_a_stray_data_dim():
     def soft(x):
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
         with pyro.plate("data", N):
-            pyro.sample("x", dist.Normal(x, 1.0), obs=z.unsqueeze(-1) + torch.zeros(1))
+            pyro.sample("x", dist.Normal(x, 1.0), obs=z + torch.zeros(1))
 
     decompose(soft, _conj_guide, data(), **options)
 
@@ -1134,17 +1134,10 @@ def test_item8_one_warning_per_call_listing_the_sites_with_tensor_scales_by_valu
 
 @pytest.mark.parametrize("vectorize", [False, True])
 def test_item10_float32_terms_accumulate_in_float64_and_loss_stays_bit_identical(vectorize):
+    """A float32 VAE with large terms: Pyro's float32 sum rounds, decompose's float64 terms add up."""
     torch.set_default_dtype(torch.float32)
-    model, guide, args, _ = vae_like()
-    model32, guide32 = model, guide
-    for m in (pyro.get_param_store(),):
-        m.clear()
-    x = args[0].float()
+    x = (data(N, 6) > 0).float()
     options = dict(num_particles=3, vectorize_particles=vectorize, max_plate_nesting=1)
-
-    def float_model(x):
-        return model32(x)
-
     torch.manual_seed(0)
     dec = torch.nn.Sequential(torch.nn.Linear(2, 5), torch.nn.Tanh(), torch.nn.Linear(5, 6))
     enc = torch.nn.Linear(6, 4)
@@ -1168,7 +1161,5 @@ def test_item10_float32_terms_accumulate_in_float64_and_loss_stays_bit_identical
         terms = decompose(model, guide, x, **options)
     assert terms.loss == loss  # bit-identical
     assert math.isclose(terms.reconstruction - terms.kl_mc, terms.elbo, rel_tol=1e-15)
-    assert terms.elbo == math.fsum(terms.per_particle["elbo"]) / 3 or math.isclose(
-        terms.elbo, math.fsum(terms.per_particle["elbo"]) / 3, rel_tol=1e-15
-    )
+    assert math.isclose(terms.elbo, math.fsum(terms.per_particle["elbo"]) / 3, rel_tol=1e-15)
     assert math.isclose(-terms.loss, terms.elbo, rel_tol=1e-6)  # float32 rounding of Pyro's own sum
