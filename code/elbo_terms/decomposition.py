@@ -1065,7 +1065,7 @@ def split_terms(terms: _Terms):
     return keys, m, per, site_mf
 
 
-def means(per: dict, num_particles: int):
+def means(per: dict, num_particles: int, stderr: bool = True):
     """``(mean, stderr)`` dicts of Python floats: ``sum / S`` of each float64 term, and ``sd / sqrt(S)``."""
     names = [k for k, v in per.items() if v is not None]
     out_mean = dict.fromkeys(per)
@@ -1075,7 +1075,7 @@ def means(per: dict, num_particles: int):
     stacked = torch.stack([per[k] for k in names])
     mu = stacked.sum(1) / num_particles
     values = mu.tolist()
-    if num_particles > 1:
+    if stderr and num_particles > 1:
         se = ((stacked - mu[:, None]).square().sum(1) / (num_particles - 1) / num_particles).sqrt().tolist()
         out_se.update(zip(names, se, strict=True))
     out_mean.update(zip(names, values, strict=True))
