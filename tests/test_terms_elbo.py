@@ -32,7 +32,7 @@ from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
-STEPS = 4
+STEPS = 3
 BETA = 0.5
 PYRO_CLASS = {TermsTrace_ELBO: Trace_ELBO, TermsTraceMeanField_ELBO: TraceMeanField_ELBO}
 OPTIONS = {
@@ -56,8 +56,8 @@ def clean_state():
 
 def vae(subsample=True, beta=None):
     """The book's example VAE (its minibatch plate, or the whole data), optionally with beta on both sides."""
-    x = example_data()[:200]
-    model, guide = example_vae(batch_size=32 if subsample else len(x), hidden=16)
+    x = example_data()[:96]
+    model, guide = example_vae(batch_size=24 if subsample else len(x), hidden=16)
     if beta == "all":  # poutine.scale around both programs
         model, guide = poutine.scale(model, scale=BETA), poutine.scale(guide, scale=BETA)
     elif beta == "z":  # beta on the latent site only, in both programs (a beta-VAE)
@@ -241,7 +241,7 @@ def test_refuses_a_guide_lacking_a_latent_on_the_first_step():
     with pytest.raises(DecomposeError, match="'w_missing'"), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         svi.step(torch.zeros(3))
-    assert float(pyro.param("m")) == pytest.approx(0.1)  # no step was taken
+    assert pyro.param("m").item() == pytest.approx(0.1)  # no step was taken
 
 
 def test_refuses_an_enumerated_site():

@@ -9,6 +9,7 @@ at your own risk, set the environment variable ``ELBO_TERMS_ALLOW_UNTESTED_PYRO=
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -33,6 +34,11 @@ def _release(version: str) -> tuple:
     return tuple(int(p or 0) for p in m.groups())
 
 
+@functools.lru_cache(maxsize=8)
+def _tested(version: str) -> bool:
+    return _release(PYRO_MIN) <= _release(version) <= _release(PYRO_MAX)
+
+
 def check_pyro_version(who: str, version: str | None = None) -> None:
     """Raise :class:`UntestedPyroError` when Pyro's version is outside ``PYRO_MIN .. PYRO_MAX``.
 
@@ -45,7 +51,7 @@ def check_pyro_version(who: str, version: str | None = None) -> None:
         import pyro
 
         version = pyro.__version__
-    if _release(PYRO_MIN) <= _release(version) <= _release(PYRO_MAX):
+    if _tested(version):
         return
     raise UntestedPyroError(
         f"{who} is tested with pyro-ppl {PYRO_MIN} to {PYRO_MAX}, but pyro-ppl {version} is installed. "

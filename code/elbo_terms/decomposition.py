@@ -67,6 +67,7 @@ __all__ = [
     "ScaleMismatchWarning",
     "read_pair",
     "split_terms",
+    "check_finite",
 ]
 
 
@@ -412,27 +413,13 @@ def _run(what: str, fn, particle: str):
         raise DecomposeError(f"the {what} raised {type(e).__name__}{where}: {message} ({particle})") from e
 
 
-def _tag_guide_values(guide_trace):
-    """Make each guide draw a leaf that requires grad, so that a model value computed from it can be told from data.
-
-    The numbers are unchanged (the same tensor, detached), so every log-density is the same.
-    """
-    for site in guide_trace.nodes.values():
-        if site["type"] == "sample" and not site["is_observed"]:
-            v = site["value"]
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.requires_grad:
-                site["value"] = v.detach().requires_grad_(True)
-
-
-def _run_pair(model, guide, args, kwargs, particle, tag=False):
+def _run_pair(model, guide, args, kwargs, particle):
     """Guide first, then the model replayed against it: ``get_importance_trace`` with graph_type "flat"."""
     unwrapped = poutine.unwrap(guide)
     if isinstance(unwrapped, poutine.messenger.Messenger):  # a GuideMessenger runs model and guide together
         _run("guide", lambda: guide(*args, **kwargs), particle)
         return unwrapped.get_traces()
     guide_trace = _run("guide", lambda: poutine.trace(guide, graph_type="flat").get_trace(*args, **kwargs), particle)
-    if tag:
-        _tag_guide_values(guide_trace)
     replayed = poutine.trace(poutine.replay(model, trace=guide_trace), graph_type="flat")
     model_trace = _run("model", lambda: replayed.get_trace(*args, **kwargs), particle)
     return model_trace, guide_trace
@@ -544,21 +531,41 @@ def _check_site(where: str, name: str, site):
     )
 
 
-def _check_particle_dim(name: str, site, num_particles: int, particle_dim: int):
-    """Refuse observed data whose own dims line up with the particle plate (issue: silent for Trace_ELBO too).
+def _storages(args, kwargs) -> set:
+    """The storage addresses of the tensors among the arguments (one level into lists, tuples and dicts)."""
+    out = set()
+
+    def add(v):
+        if isinstance(v, torch.Tensor):
+            out.add(v.untyped_storage().data_ptr())
+
+    for v in (*args, *kwargs.values()):
+        add(v)
+        if isinstance(v, (list, tuple)):
+            for w in v:
+                add(w)
+        elif isinstance(v, dict):
+            for w in v.values():
+                add(w)
+    return out
+
+
+def _check_particle_dim(name: str, site, num_particles: int, particle_dim: int, data: set):
+    """Refuse observed data whose own dims line up with the particle plate (Trace_ELBO is silent too).
 
     With ``S`` vectorized particles in the plate at ``particle_dim``, an observed value may vary
     along that dim only if it is computed from the particles' draws.  A value of size ``S``
-    there that does not depend on any draw (it does not require grad: decompose tags the
-    guide's draws) is data whose dim happens to have ``S`` entries -- a column ``(N, 1)``
-    inside a plate of ``N`` with ``S = N`` -- and particle ``k`` would be scored against datum
-    ``k`` only.
+    there that is one of the arguments (or a view of one: it shares an argument's storage) is
+    data whose dim happens to have ``S`` entries -- a column ``(N, 1)`` inside a plate of ``N``
+    with ``S = N`` -- and particle ``k`` would be scored against entry ``k`` only.
     """
     value, fn = site["value"], site["fn"]
-    if not isinstance(value, torch.Tensor) or isinstance(fn, dist.Unit) or value.requires_grad:
+    if not isinstance(value, torch.Tensor) or isinstance(fn, dist.Unit) or not data:
         return
     nbatch = value.dim() - len(fn.event_shape)
     if nbatch < -particle_dim or value.shape[nbatch + particle_dim] != num_particles:
+        return
+    if value.untyped_storage().data_ptr() not in data:
         return
     raise DecomposeError(
         f"model site {name!r}: the observed value has shape {tuple(value.shape)}, and its dim {particle_dim} "
@@ -627,24 +634,26 @@ def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle, particle
 
     ``particles`` is ``(S, dim)`` for a vectorized run of ``S > 1`` particles in the plate at ``dim``.
     """
-    tagged = torch.is_grad_enabled()
-    model_trace, guide_trace = _run_pair(model, guide, args, kwargs, particle, tag=tagged)
-    with torch.no_grad():
-        _check_pair(model_trace, guide_trace)
-        if is_validation_enabled():
-            try:
-                check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
-            except ValueError as e:
-                raise DecomposeError(f"Pyro's validation rejects the pair: {' '.join(str(e).split())}") from e
-        guide_trace = prune_subsample_sites(guide_trace)
-        model_trace = prune_subsample_sites(model_trace)
-        _log_probs(model_trace, guide_trace)
-        check_traces(model_trace, guide_trace, particles, grad_tagged=tagged)
+    model_trace, guide_trace = _run_pair(model, guide, args, kwargs, particle)
+    _check_pair(model_trace, guide_trace)
+    if is_validation_enabled():
+        try:
+            check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+        except ValueError as e:
+            raise DecomposeError(f"Pyro's validation rejects the pair: {' '.join(str(e).split())}") from e
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    _log_probs(model_trace, guide_trace)
+    check_traces(model_trace, guide_trace, particles, args, kwargs)
     return model_trace, guide_trace
 
 
-def check_traces(model_trace, guide_trace, particles=None, grad_tagged=True):
-    """The checks of every site of a scored pair (values, shapes), shared with the ``TermsTrace_ELBO`` recorders."""
+def check_traces(model_trace, guide_trace, particles=None, args=(), kwargs=None):
+    """The checks of every site of a scored pair (values, shapes), shared with the ``TermsTrace_ELBO`` recorders.
+
+    ``particles`` is ``(S, dim)`` for a vectorized run; ``args`` and ``kwargs`` those of the programs.
+    """
+    data = _storages(args, kwargs or {}) if particles is not None else set()
     for where, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -652,8 +661,8 @@ def check_traces(model_trace, guide_trace, particles=None, grad_tagged=True):
             _check_site(where, name, site)
             if where == "model" and not site["is_observed"]:
                 _check_undeclared_dims(name, site)
-            elif where == "model" and particles is not None and grad_tagged:
-                _check_particle_dim(name, site, *particles)
+            elif where == "model" and particles is not None:
+                _check_particle_dim(name, site, *particles, data)
             if is_validation_enabled():
                 _check_shape(where, name, site, float("inf"))  # no enumeration: every batch dim is a plate's
 
@@ -883,7 +892,8 @@ class _Terms:
         if not self.tensors:
             return [], torch.zeros(0, S, dtype=torch.float64)
         stacked = torch.stack(self.tensors)
-        if self.vectorized:  # one run: each tensor is (S,)
+        if self.vectorized or S == 1:  # one run: each tensor is (S,) (or 0-dim for one particle)
+            stacked = stacked.reshape(len(rows), S)
             if len(index) == len(rows):
                 return list(index), stacked
             m = stacked.new_zeros(len(index), S)
@@ -1003,66 +1013,103 @@ def _mean_field_site(name, g, model_site, record, acc: _Terms):
             )
 
 
+#: the terms that are sums of sites' rows: (term, [(kind, roles, sign), ...]).  Deterministic sites score 0
+#: (their Delta is masked); they are summed only to follow Pyro exactly.
+_GROUPS = (
+    ("reconstruction", (("p", ("observed", "deterministic"), 1.0),)),
+    ("log_prior", (("p", ("latent",), 1.0),)),
+    ("log_q", (("q", ("latent", "auxiliary", "deterministic"), 1.0),)),
+    ("kl_analytic", (("kl", ("latent",), 1.0),)),
+    (
+        "elbo",
+        (
+            ("p", ("observed", "deterministic"), 1.0),
+            ("p", ("latent",), 1.0),
+            ("q", ("latent", "auxiliary", "deterministic"), -1.0),
+        ),
+    ),
+    ("kl_mc", (("q", ("latent", "auxiliary", "deterministic"), 1.0), ("p", ("latent",), -1.0))),
+)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(keys: tuple, roles: tuple, dtype) -> torch.Tensor:
+    """The matrix W with one row per term of :data:`_GROUPS`: ``W @ M`` gives every term per particle."""
+    role = dict(roles)
+    w = [[0.0] * len(keys) for _ in _GROUPS]
+    for g, (_, parts) in enumerate(_GROUPS):
+        for kind, want, sign in parts:
+            for i, (k, name) in enumerate(keys):
+                if k == kind and role.get(name) in want:
+                    w[g][i] += sign
+    return torch.tensor(w, dtype=dtype)
+
+
+def _non_finite(keys, m):
+    labels = {"q": "log q at guide", "p": "log p at model", "kl": "KL(q||p) at", "ent": "the entropy term at guide"}
+    bad = []
+    for (kind, name), vals in zip(keys, m.tolist(), strict=True):
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                bad.append(f"{labels[kind]} site {name!r} is {v} (particle {i + 1})")
+                break
+    return DecomposeError(
+        "non-finite terms: " + "; ".join(bad) + ". An ELBO with a non-finite term is meaningless: "
+        "check the site's parameters (NaN?) and that its value lies in the distribution's support."
+    )
+
+
 def split_terms(terms: _Terms):
     """Every term, per particle, from what :func:`read_pair` recorded: ``(site_keys, matrix, per, site_mf)``.
 
     ``per[term]`` is a float64 tensor of shape ``(num_particles,)`` (None where the term does
     not exist: ``kl_analytic`` without a closed form at every latent site, the mean-field
     terms where ``TraceMeanField_ELBO`` would raise); ``site_mf[site]`` the site's term in
-    ``kl_mean_field``.  Raises :class:`DecomposeError` naming the site of a non-finite term.
+    ``kl_mean_field``.  Each term is one weighted sum of the sites' float64 rows (one matrix
+    product for all), so ``reconstruction - kl_mc == elbo`` holds to float64 rounding.
+    Non-finite terms raise :class:`DecomposeError` (see :func:`check_finite`).
     """
     keys, m = terms.matrix()
     S = terms.num_particles
-    if m.numel() and not bool(torch.isfinite(m).all()):
-        labels = {"q": "log q at guide", "p": "log p at model", "kl": "KL(q||p) at", "ent": "the entropy term at guide"}
-        bad = []
-        for (kind, name), vals in zip(keys, m.tolist(), strict=True):
-            for i, v in enumerate(vals):
-                if not math.isfinite(v):
-                    bad.append(f"{labels[kind]} site {name!r} is {v} (particle {i + 1})")
-                    break
-        raise DecomposeError(
-            "non-finite terms: " + "; ".join(bad) + ". An ELBO with a non-finite term is meaningless: "
-            "check the site's parameters (NaN?) and that its value lies in the distribution's support."
-        )
-    index = {k: i for i, k in enumerate(keys)}
     zeros = m.new_zeros(S)
-
-    def row(kind, name):
-        i = index.get((kind, name))
-        return zeros if i is None else m[i]
-
-    def total(kind, roles):
-        idx = [index[(kind, n)] for n, r in terms.rows.items() if r[0] in roles and (kind, n) in index]
-        return m[idx].sum(0) if idx else zeros
-
-    # deterministic sites score 0 (their Delta is masked); they are summed only to follow Pyro exactly
-    recon, prior = total("p", ("observed", "deterministic")), total("p", ("latent",))
-    log_q = total("q", ("latent", "auxiliary", "deterministic"))
-    per = {
-        "elbo": recon + prior - log_q,
-        "reconstruction": recon,
-        "log_prior": prior,
-        "log_q": log_q,
-        "kl_mc": log_q - prior,
-        "kl_analytic": None if terms.kl_missing else total("kl", ("latent",)),
-        "kl_mean_field": None,
-        "elbo_mean_field": None,
-    }
+    if keys:
+        roles = tuple((n, r[0]) for n, r in terms.rows.items())
+        rows = _weights(tuple(keys), roles, m.dtype) @ m
+    else:
+        rows = m.new_zeros(len(_GROUPS), S)
+    per = {term: rows[g] for g, (term, _) in enumerate(_GROUPS)}
+    per = {t: per[t] for t in ("elbo", "reconstruction", "log_prior", "log_q", "kl_mc", "kl_analytic")}
+    if terms.kl_missing:
+        per["kl_analytic"] = None
+    per["kl_mean_field"] = per["elbo_mean_field"] = None
     site_mf = {}
     if terms.mean_field and not terms.mf_refused:
+        index = {k: i for i, k in enumerate(keys)}
+
+        def row(kind, name):
+            i = index.get((kind, name))
+            return zeros if i is None else m[i]
+
         for name, source in terms.mf_source.items():
             if source == "kl":
                 site_mf[name] = row("kl", name)
             else:
                 log_p = row("p", name) if terms.rows[name][0] == "latent" else zeros
                 site_mf[name] = {"q": row("q", name), "ent": row("ent", name), "zero": zeros}[source] - log_p
-        kl_mf = zeros  # summed in site order, as total() sums: equal to kl_analytic when that exists
+        kl_mf = zeros  # summed in site order: equal to kl_analytic when that exists
         for vals in site_mf.values():
             kl_mf = kl_mf + vals
         per["kl_mean_field"] = kl_mf
-        per["elbo_mean_field"] = recon - kl_mf
+        per["elbo_mean_field"] = per["reconstruction"] - kl_mf
     return keys, m, per, site_mf
+
+
+def check_finite(keys, m, mean: dict):
+    """Raise :class:`DecomposeError` naming the sites when a term's mean is not finite (a NaN or inf anywhere)."""
+    if all(v is None or math.isfinite(v) for v in mean.values()):
+        if not m.numel() or math.isfinite(float(m.sum())):
+            return
+    raise _non_finite(keys, m)
 
 
 def means(per: dict, num_particles: int, stderr: bool = True):
@@ -1156,7 +1203,7 @@ def decompose(
     vectorized = bool(vectorize_particles) and S > 1
     terms = _Terms(S, vectorized)
     pyro_elbo = 0.0
-    with torch.enable_grad():  # the programs run as under Trace_ELBO.loss; draws are tagged (_check_particle_dim)
+    with torch.no_grad():
         if vectorize_particles:
             mpn = float("inf") if max_plate_nesting is None else max_plate_nesting
             if mpn == float("inf"):
@@ -1168,16 +1215,14 @@ def decompose(
             particles = (S, -mpn) if S > 1 else None
             model_trace, guide_trace = _one_trace(m, g, args, kwargs, mpn, f"{S} vectorized particles", particles)
             pyro_elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / S
-            with torch.no_grad():
-                read_pair(model_trace, guide_trace, terms, S, -mpn if S > 1 else None)
+            read_pair(model_trace, guide_trace, terms, S, -mpn if S > 1 else None)
         else:
             mpn = float("inf") if max_plate_nesting is None else max_plate_nesting
             for i in range(S):
                 terms.run = i
                 model_trace, guide_trace = _one_trace(model, guide, args, kwargs, mpn, f"particle {i + 1} of {S}")
                 pyro_elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / S
-                with torch.no_grad():
-                    read_pair(model_trace, guide_trace, terms)
+                read_pair(model_trace, guide_trace, terms)
     del model_trace, guide_trace
     if terms.mismatch:
         warnings.warn(_scale_warning(terms.mismatch), ScaleMismatchWarning, stacklevel=2)
@@ -1189,6 +1234,7 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
     S = terms.num_particles
     keys, m, per, site_mf = split_terms(terms)
     mean, stderr = means(per, S)
+    check_finite(keys, m, mean)
     site_means = dict(zip(keys, (m.sum(1) / S).tolist(), strict=True))
     mf_means = (
         dict(zip(site_mf, (torch.stack(list(site_mf.values())).sum(1) / S).tolist(), strict=True)) if site_mf else {}

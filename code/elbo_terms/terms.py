@@ -36,6 +36,7 @@ programs scale or mask differently raises one :class:`~elbo_terms.ScaleMismatchW
 from __future__ import annotations
 
 import collections
+import math
 import numbers
 import types
 import warnings
@@ -52,6 +53,7 @@ from .decomposition import (
     _scale_value,
     _scale_warning,
     _Terms,
+    check_finite,
     check_traces,
     means,
     read_pair,
@@ -165,7 +167,7 @@ class _Recorder:
                 if not self._checked:
                     _check_pair(model_trace, guide_trace)
                     particles = (self.num_particles, dim) if vectorized else None
-                    check_traces(model_trace, guide_trace, particles, grad_tagged=torch.is_grad_enabled())
+                    check_traces(model_trace, guide_trace, particles, args, kwargs)
                 read_pair(model_trace, guide_trace, terms, self.num_particles if vectorized else 1, dim)
             terms.run += 1
         return model_trace, guide_trace
@@ -195,8 +197,10 @@ class _Recorder:
             self._scaled = _scaled(terms.rows)
             if terms.mismatch:
                 warnings.warn(_scale_warning(terms.mismatch), ScaleMismatchWarning, stacklevel=4)
-        _, _, per, _ = split_terms(terms)
+        keys, m, per, _ = split_terms(terms)
         mean, _ = means(per, terms.num_particles, stderr=False)
+        if not all(v is None or math.isfinite(v) for v in mean.values()):
+            check_finite(keys, m, mean)  # raises, naming the sites
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         self.history.append(
             TermsRecord(
