@@ -17,7 +17,8 @@ and decoder), in float32 as people train it, with Pyro's validation off as in tr
    sequential and vectorized particles (target <= 1.05).
 
 Exits 1 when a ratio exceeds its target.  (Not a pytest test: its name does not start with
-``test_``.)  Timings depend on the machine's load: run it on a quiet machine.
+``test_``.)  Times are the process's CPU time (torch on one thread), which other processes'
+load affects less than wall time; still, run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ STEP_SETTINGS = [(1, False), (4, False), (4, True), (16, True)]
 
 
 def median_seconds(fn, repeats):
+    """Median CPU seconds of this process per call (CPU time, not wall time: other processes' load is left out)."""
     times = []
     for i in range(repeats):
         pyro.set_rng_seed(i)
-        t = time.perf_counter()
+        t = time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return statistics.median(times)
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "ScaleMismatchWarning",
     "read_pair",
     "split_terms",
+    "term_means",
     "check_finite",
 ]
 
@@ -688,15 +689,22 @@ def _per_particle(t, num_vectorized: int, dim: int | None):
 
 
 def _kl(guide_site, model_site):
-    """``TraceMeanField_ELBO``'s closed-form term: KL(q || p), scaled and masked by the guide site."""
+    """``TraceMeanField_ELBO``'s closed-form term: KL(q || p), scaled and masked by the guide site.
+
+    Returns ``(kl, scale)``: the KL tensor (masked) and the guide site's scale when it is a plain
+    number (to multiply after summing, one operation fewer on the big tensor), else the scaled KL and 1.
+    """
     try:
         kl = torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
     except NotImplementedError:
-        return None
-    kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+        return None, 1.0
+    scale = guide_site["scale"]
+    if isinstance(scale, numbers.Number) and torch.is_tensor(kl):
+        return scale_and_mask(kl, mask=guide_site["mask"]), float(scale)
+    kl = scale_and_mask(kl, scale=scale, mask=guide_site["mask"])
     if not torch.is_tensor(kl):
         kl = kl * torch.Size(guide_site["fn"].batch_shape).numel()
-    return kl
+    return kl, 1.0
 
 
 def _describe(fn) -> str:
@@ -877,9 +885,10 @@ class _Terms:
         self.mf_source, self.mf_refused, self.mf_notes = {}, None, {}
         self.run = 0
 
-    def record(self, kind, name, t, num_vectorized, dim):
+    def record(self, kind, name, t, num_vectorized, dim, scale=1.0):
         self.keys.append((kind, name, self.run))
-        self.tensors.append(_per_particle(t, num_vectorized, dim))
+        t = _per_particle(t, num_vectorized, dim)
+        self.tensors.append(t if scale == 1.0 else t * scale)
 
     def matrix(self):
         """``(site_keys, M)``: M[i] holds the per-particle float64 values of ``site_keys[i] = (kind, name)``.
@@ -891,7 +900,10 @@ class _Terms:
         S = self.num_particles
         if not self.tensors:
             return [], torch.zeros(0, S, dtype=torch.float64)
-        stacked = torch.stack(self.tensors)
+        tensors = self.tensors
+        if len({t.dtype for t in tensors}) > 1:
+            tensors = [t.to(torch.float64) for t in tensors]
+        stacked = torch.stack(tensors).to(torch.float64)
         if self.vectorized or S == 1:  # one run: each tensor is (S,) (or 0-dim for one particle)
             stacked = stacked.reshape(len(rows), S)
             if len(index) == len(rows):
@@ -916,10 +928,10 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
     rows, record = terms.rows, terms.record
     guide_sites = guide_trace.nodes
 
-    def rec(kind, name, site_or_tensor):
+    def rec(kind, name, site_or_tensor, scale=1.0):
         if kind in ("kl", "ent"):
-            record(kind, name, site_or_tensor, num_vectorized, dim)
-        elif dim is None and site_or_tensor["log_prob_sum"].dtype == torch.float64:
+            record(kind, name, site_or_tensor, num_vectorized, dim, scale)
+        elif dim is None:  # one particle per run: the site's sum as Pyro computed it (made float64 when stacked)
             terms.keys.append((kind, name, terms.run))
             terms.tensors.append(site_or_tensor["log_prob_sum"])
         else:
@@ -975,7 +987,7 @@ def _mean_field_site(name, g, model_site, record, acc: _Terms):
             "validation on, it requires every guide site to be fully reparameterized. Use Trace_ELBO (elbo, kl_mc) "
             "for this guide."
         )
-    kl = None if model_site is None else _kl(g, model_site)
+    kl, kl_scale = (None, 1.0) if model_site is None else _kl(g, model_site)
     if kl is not None:
         if torch.is_tensor(kl) and kl.shape != g["fn"].batch_shape:
             refuse(
@@ -983,7 +995,7 @@ def _mean_field_site(name, g, model_site, record, acc: _Terms):
                 f"{tuple(kl.shape)}, not the guide site's batch shape {tuple(g['fn'].batch_shape)}. Give the guide "
                 "site the model site's batch shape (the same plates)."
             )
-        record("kl", name, kl)
+        record("kl", name, kl, kl_scale)
         source = "kl"
     else:
         if model_site is not None:
@@ -1013,36 +1025,50 @@ def _mean_field_site(name, g, model_site, record, acc: _Terms):
             )
 
 
-#: the terms that are sums of sites' rows: (term, [(kind, roles, sign), ...]).  Deterministic sites score 0
-#: (their Delta is masked); they are summed only to follow Pyro exactly.
-_GROUPS = (
-    ("reconstruction", (("p", ("observed", "deterministic"), 1.0),)),
-    ("log_prior", (("p", ("latent",), 1.0),)),
-    ("log_q", (("q", ("latent", "auxiliary", "deterministic"), 1.0),)),
-    ("kl_analytic", (("kl", ("latent",), 1.0),)),
-    (
-        "elbo",
-        (
-            ("p", ("observed", "deterministic"), 1.0),
-            ("p", ("latent",), 1.0),
-            ("q", ("latent", "auxiliary", "deterministic"), -1.0),
-        ),
-    ),
-    ("kl_mc", (("q", ("latent", "auxiliary", "deterministic"), 1.0), ("p", ("latent",), -1.0))),
-)
+_OBSERVED, _LATENT, _GUIDE = ("observed", "deterministic"), ("latent",), ("latent", "auxiliary", "deterministic")
 
 
 @functools.lru_cache(maxsize=64)
-def _weights(keys: tuple, roles: tuple, dtype) -> torch.Tensor:
-    """The matrix W with one row per term of :data:`_GROUPS`: ``W @ M`` gives every term per particle."""
+def _weights(keys: tuple, roles: tuple, sources: tuple | None, dtype) -> tuple:
+    """``(names, W)``: ``W @ M`` gives every term per particle, one row per name (a term that exists).
+
+    ``keys`` are the rows of ``M`` (``(kind, site)``), ``roles`` the sites' roles,
+    ``sources`` (None without the mean-field terms) where ``TraceMeanField_ELBO`` takes each
+    guide site's term: ``"kl"``, ``"q"``, ``"ent"`` or ``"zero"`` (see :func:`_mean_field_site`).
+    Deterministic sites score 0 (their Delta is masked); they are summed only to follow Pyro exactly.
+    """
     role = dict(roles)
-    w = [[0.0] * len(keys) for _ in _GROUPS]
-    for g, (_, parts) in enumerate(_GROUPS):
-        for kind, want, sign in parts:
-            for i, (k, name) in enumerate(keys):
-                if k == kind and role.get(name) in want:
-                    w[g][i] += sign
-    return torch.tensor(w, dtype=dtype)
+    index = {k: i for i, k in enumerate(keys)}
+
+    def rows(kind, want, sign=1.0):
+        w = [0.0] * len(keys)
+        for (k, name), i in index.items():
+            if k == kind and role.get(name) in want:
+                w[i] = sign
+        return w
+
+    def add(*ws):
+        return [sum(col) for col in zip(*ws, strict=True)]
+
+    recon, prior, log_q = rows("p", _OBSERVED), rows("p", _LATENT), rows("q", _GUIDE)
+    out = {
+        "elbo": add(recon, prior, [-v for v in log_q]),
+        "reconstruction": recon,
+        "log_prior": prior,
+        "log_q": log_q,
+        "kl_mc": add(log_q, [-v for v in prior]),
+        "kl_analytic": rows("kl", _LATENT),
+    }
+    if sources is not None:
+        kl_mf = [0.0] * len(keys)
+        for name, source in sources:
+            if source in ("kl", "q", "ent"):
+                kl_mf[index[(source, name)]] += 1.0
+            if source != "kl" and role[name] == "latent":
+                kl_mf[index[("p", name)]] -= 1.0
+        out["kl_mean_field"] = kl_mf
+        out["elbo_mean_field"] = add(recon, [-v for v in kl_mf])
+    return tuple(out), torch.tensor(list(out.values()), dtype=dtype)
 
 
 def _non_finite(keys, m):
@@ -1060,48 +1086,39 @@ def _non_finite(keys, m):
 
 
 def split_terms(terms: _Terms):
-    """Every term, per particle, from what :func:`read_pair` recorded: ``(site_keys, matrix, per, site_mf)``.
+    """Every term, per particle, from what :func:`read_pair` recorded: ``(site_keys, M, names, rows)``.
 
-    ``per[term]`` is a float64 tensor of shape ``(num_particles,)`` (None where the term does
-    not exist: ``kl_analytic`` without a closed form at every latent site, the mean-field
-    terms where ``TraceMeanField_ELBO`` would raise); ``site_mf[site]`` the site's term in
-    ``kl_mean_field``.  Each term is one weighted sum of the sites' float64 rows (one matrix
-    product for all), so ``reconstruction - kl_mc == elbo`` holds to float64 rounding.
-    Non-finite terms raise :class:`DecomposeError` (see :func:`check_finite`).
+    ``M[i]`` holds the per-particle float64 values of ``site_keys[i] = (kind, site)``;
+    ``rows[j]`` those of the term ``names[j]`` (``elbo``, ``reconstruction``, ``log_prior``,
+    ``log_q``, ``kl_mc``, ``kl_analytic`` and, for the mean-field terms, ``kl_mean_field`` and
+    ``elbo_mean_field``).  Every term is a weighted sum of the sites' rows, all computed by one
+    matrix product in float64, so ``reconstruction - kl_mc == elbo`` holds to float64 rounding.
+    ``kl_analytic`` is left out without a closed form at every latent site, the mean-field
+    terms where ``TraceMeanField_ELBO`` would raise (or when ``terms.mean_field`` is False).
     """
     keys, m = terms.matrix()
-    S = terms.num_particles
-    zeros = m.new_zeros(S)
-    if keys:
-        roles = tuple((n, r[0]) for n, r in terms.rows.items())
-        rows = _weights(tuple(keys), roles, m.dtype) @ m
-    else:
-        rows = m.new_zeros(len(_GROUPS), S)
-    per = {term: rows[g] for g, (term, _) in enumerate(_GROUPS)}
-    per = {t: per[t] for t in ("elbo", "reconstruction", "log_prior", "log_q", "kl_mc", "kl_analytic")}
+    roles = tuple((n, r[0]) for n, r in terms.rows.items())
+    sources = tuple(terms.mf_source.items()) if terms.mean_field and not terms.mf_refused else None
+    names, w = _weights(tuple(keys), roles, sources, m.dtype)
+    rows = w @ m if keys else m.new_zeros(len(names), terms.num_particles)
     if terms.kl_missing:
-        per["kl_analytic"] = None
-    per["kl_mean_field"] = per["elbo_mean_field"] = None
-    site_mf = {}
-    if terms.mean_field and not terms.mf_refused:
-        index = {k: i for i, k in enumerate(keys)}
+        keep = [i for i, n in enumerate(names) if n != "kl_analytic"]
+        names, rows = tuple(names[i] for i in keep), rows[keep]
+    return keys, m, names, rows
 
-        def row(kind, name):
-            i = index.get((kind, name))
-            return zeros if i is None else m[i]
 
-        for name, source in terms.mf_source.items():
-            if source == "kl":
-                site_mf[name] = row("kl", name)
-            else:
-                log_p = row("p", name) if terms.rows[name][0] == "latent" else zeros
-                site_mf[name] = {"q": row("q", name), "ent": row("ent", name), "zero": zeros}[source] - log_p
-        kl_mf = zeros  # summed in site order: equal to kl_analytic when that exists
-        for vals in site_mf.values():
-            kl_mf = kl_mf + vals
-        per["kl_mean_field"] = kl_mf
-        per["elbo_mean_field"] = per["reconstruction"] - kl_mf
-    return keys, m, per, site_mf
+def term_means(names, rows, num_particles: int, stderr: bool = True):
+    """``(mean, stderr)``: dicts over :data:`TERMS` of Python floats (None for a term left out).
+
+    ``mean = sum / S`` of each term's float64 values; ``stderr = sd / sqrt(S)`` (None for S = 1).
+    """
+    mean, se = dict.fromkeys(TERMS), dict.fromkeys(TERMS)
+    mu = rows.sum(1) / num_particles
+    mean.update(zip(names, mu.tolist(), strict=True))
+    if stderr and num_particles > 1:
+        var = (rows - mu[:, None]).square().sum(1) / (num_particles - 1) / num_particles
+        se.update(zip(names, var.sqrt().tolist(), strict=True))
+    return mean, se
 
 
 def check_finite(keys, m, mean: dict):
@@ -1110,23 +1127,6 @@ def check_finite(keys, m, mean: dict):
         if not m.numel() or math.isfinite(float(m.sum())):
             return
     raise _non_finite(keys, m)
-
-
-def means(per: dict, num_particles: int, stderr: bool = True):
-    """``(mean, stderr)`` dicts of Python floats: ``sum / S`` of each float64 term, and ``sd / sqrt(S)``."""
-    names = [k for k, v in per.items() if v is not None]
-    out_mean = dict.fromkeys(per)
-    out_se = dict.fromkeys(per)
-    if not names:
-        return out_mean, out_se
-    stacked = torch.stack([per[k] for k in names])
-    mu = stacked.sum(1) / num_particles
-    values = mu.tolist()
-    if stderr and num_particles > 1:
-        se = ((stacked - mu[:, None]).square().sum(1) / (num_particles - 1) / num_particles).sqrt().tolist()
-        out_se.update(zip(names, se, strict=True))
-    out_mean.update(zip(names, values, strict=True))
-    return out_mean, out_se
 
 
 # ----------------------------------------------------------------------------- the function
@@ -1232,13 +1232,20 @@ def decompose(
 def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
     """Per-site, per-particle float64 values -> the totals, their standard errors, the site rows."""
     S = terms.num_particles
-    keys, m, per, site_mf = split_terms(terms)
-    mean, stderr = means(per, S)
+    keys, m, names, rows = split_terms(terms)
+    mean, stderr = term_means(names, rows, S)
     check_finite(keys, m, mean)
     site_means = dict(zip(keys, (m.sum(1) / S).tolist(), strict=True))
-    mf_means = (
-        dict(zip(site_mf, (torch.stack(list(site_mf.values())).sum(1) / S).tolist(), strict=True)) if site_mf else {}
-    )
+    mf_means = {}
+    if mean["kl_mean_field"] is not None:
+        for name, source in terms.mf_source.items():
+            if source == "kl":
+                mf_means[name] = site_means[("kl", name)]
+            else:
+                log_q = 0.0 if source == "zero" else site_means[(source, name)]
+                mf_means[name] = log_q - (site_means[("p", name)] if terms.rows[name][0] == "latent" else 0.0)
+    per = dict.fromkeys(TERMS)
+    per.update(zip(names, rows, strict=True))
     note = terms.mf_refused or (" ".join(terms.mf_notes.values()) or None)
     site_rows = tuple(
         (

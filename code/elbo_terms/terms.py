@@ -55,9 +55,9 @@ from .decomposition import (
     _Terms,
     check_finite,
     check_traces,
-    means,
     read_pair,
     split_terms,
+    term_means,
 )
 
 __all__ = ["TermsTrace_ELBO", "TermsTraceMeanField_ELBO", "TermsRecord"]
@@ -197,8 +197,8 @@ class _Recorder:
             self._scaled = _scaled(terms.rows)
             if terms.mismatch:
                 warnings.warn(_scale_warning(terms.mismatch), ScaleMismatchWarning, stacklevel=4)
-        keys, m, per, _ = split_terms(terms)
-        mean, _ = means(per, terms.num_particles, stderr=False)
+        keys, m, names, rows = split_terms(terms)
+        mean, _ = term_means(names, rows, terms.num_particles, stderr=False)
         if not all(v is None or math.isfinite(v) for v in mean.values()):
             check_finite(keys, m, mean)  # raises, naming the sites
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
