@@ -1121,11 +1121,13 @@ def term_means(names, rows, num_particles: int, stderr: bool = True):
     return mean, se
 
 
-def check_finite(keys, m, mean: dict):
-    """Raise :class:`DecomposeError` naming the sites when a term's mean is not finite (a NaN or inf anywhere)."""
-    if all(v is None or math.isfinite(v) for v in mean.values()):
-        if not m.numel() or math.isfinite(float(m.sum())):
-            return
+def check_finite(keys, m, *values):
+    """Raise :class:`DecomposeError` naming the sites when some of ``values`` (means of terms or sites) is not finite.
+
+    A NaN or an inf anywhere in ``M`` makes the mean of its row (and of every term that uses it) non-finite.
+    """
+    if all(v is None or math.isfinite(v) for vals in values for v in vals):
+        return
     raise _non_finite(keys, m)
 
 
@@ -1234,8 +1236,8 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
     S = terms.num_particles
     keys, m, names, rows = split_terms(terms)
     mean, stderr = term_means(names, rows, S)
-    check_finite(keys, m, mean)
     site_means = dict(zip(keys, (m.sum(1) / S).tolist(), strict=True))
+    check_finite(keys, m, mean.values(), site_means.values())
     mf_means = {}
     if mean["kl_mean_field"] is not None:
         for name, source in terms.mf_source.items():

@@ -200,7 +200,7 @@ class _Recorder:
         keys, m, names, rows = split_terms(terms)
         mean, _ = term_means(names, rows, terms.num_particles, stderr=False)
         if not all(v is None or math.isfinite(v) for v in mean.values()):
-            check_finite(keys, m, mean)  # raises, naming the sites
+            check_finite(keys, m, mean.values())  # raises, naming the sites
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         self.history.append(
             TermsRecord(

@@ -106,6 +106,9 @@ STATEMENT_SCALE_MISMATCH = r"""\begin{aligned}
 &\quad + (\beta_q - \beta_p)\,\mathrm H[q_\lambda]
 \end{aligned}"""
 
+#: the training steps of the TermsTrace_ELBO example
+TRAIN_STEPS = 60
+
 #: the particle setting and seed of the same-draw checks
 CHECK_PARTICLES, CHECK_VECTORIZE, CHECK_SEED = 4, True, 11
 
