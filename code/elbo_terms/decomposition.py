@@ -28,12 +28,19 @@ elsewhere), ``elbo_mean_field = reconstruction - kl_mean_field`` is its number, 
 ``mean_field_note`` says why there is none when ``TraceMeanField_ELBO`` would raise.
 ``kl_analytic`` is the closed-form KL alone (None unless every latent site has one).
 
-Bad input is refused with a :class:`DecomposeError` naming the site (a guide without a
+Bad input is refused with a :class:`DecomposeError` (a ``ValueError``) naming the site, with
+the exception Pyro or the user's program raised chained as ``__cause__``: a guide without a
 latent site of the model, a guide site the model lacks, a site marked for enumeration, a
-non-finite log-density, a value whose shape Pyro's validation rejects or that pairs every
-value with every distribution); a model and a guide that scale a latent site differently --
-the one-sided beta-VAE pitfall, which Pyro does not flag -- raise a
-:class:`ScaleMismatchWarning` that says what the objective then is.
+non-finite log-density, a value whose shape Pyro's validation rejects, a value and a
+distribution that broadcast each other (in batch or event dims, whatever the validation flag),
+observed data whose dim lines up with the plate of vectorized particles, a latent site with a
+batch dim that no plate declares.  A model and a guide that scale or mask a latent site
+differently -- the one-sided beta-VAE pitfall, which Pyro does not flag -- raise one
+:class:`ScaleMismatchWarning` per call that lists the sites and says what the objective then is.
+
+Every term is accumulated in float64 whatever the model's dtype; ``loss`` is Pyro's own number.
+:func:`read_pair` and :func:`split_terms` are the term-splitting code that the
+``TermsTrace_ELBO`` recorders (:mod:`elbo_terms.terms`) share.
 """
 
 from __future__ import annotations
