@@ -71,7 +71,7 @@ class TermsRecord:
     r"""The terms of one loss evaluation (Python floats, means over the particles, float64 sums).
 
     * ``step``: the index of the loss evaluation (0 for the first; with ``every=k`` only
-      multiples of ``k`` are recorded);
+      multiples of ``k`` are recorded; ``svi.evaluate_loss`` is a loss evaluation too);
     * ``loss``: the number the ELBO object returned (for ``differentiable_loss``, the value of
       the returned tensor);
     * ``elbo`` = mean over particles of :math:`\log p(x, z) - \log q(z)` = ``reconstruction -
