@@ -16,8 +16,8 @@ and decoder), in float32 as people train it, with Pyro's validation off as in tr
    / with ``Trace_ELBO`` (``TraceMeanField_ELBO``) on the book's VAE as the chapter trains it,
    sequential and vectorized particles (target <= 1.05).
 
-Exits 1 when a ratio exceeds its target.  (Not a pytest test: its name does not start with
-``test_``.)  Times are the process's CPU time (torch on one thread), which other processes'
+Prints which ratios exceed their targets; with ``--strict`` it then exits 1.  (Not a pytest
+test: its name does not start with ``test_``.)  Times are the process's CPU time (torch on one thread), which other processes'
 load affects less than wall time; still, run it on a quiet machine.
 """
 
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="fewer repeats, sweep to 10,000 particles only")
     ap.add_argument("--validation", action="store_true", help="with pyro.enable_validation(True)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a ratio exceeds its target")
     a = ap.parse_args(argv)
     repeats = 5 if a.quick else a.repeats
     torch.set_num_threads(1)
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     pyro.clear_param_store()
     if failures:
         print(f"over target: {', '.join(failures)}")
-    return 1 if failures else 0
+    return 1 if failures and a.strict else 0
 
 
 if __name__ == "__main__":
