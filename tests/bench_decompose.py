@@ -17,8 +17,8 @@ and decoder), in float32 as people train it, with Pyro's validation off as in tr
    sequential and vectorized particles (target <= 1.05).
 
 Prints which ratios exceed their targets; with ``--strict`` it then exits 1.  (Not a pytest
-test: its name does not start with ``test_``.)  Times are the process's CPU time (torch on one thread), which other processes'
-load affects less than wall time; still, run it on a quiet machine.
+test: its name does not start with ``test_``.)  Times are the process's CPU time (torch on one
+thread), which other processes' load affects less than wall time; still, run it on a quiet machine.
 """
 
 from __future__ import annotations
