@@ -28,12 +28,19 @@ elsewhere), ``elbo_mean_field = reconstruction - kl_mean_field`` is its number, 
 ``mean_field_note`` says why there is none when ``TraceMeanField_ELBO`` would raise.
 ``kl_analytic`` is the closed-form KL alone (None unless every latent site has one).
 
-Bad input is refused with a :class:`DecomposeError` naming the site (a guide without a
+Bad input is refused with a :class:`DecomposeError` (a ``ValueError``) naming the site, with
+the exception Pyro or the user's program raised chained as ``__cause__``: a guide without a
 latent site of the model, a guide site the model lacks, a site marked for enumeration, a
-non-finite log-density, a value whose shape Pyro's validation rejects or that pairs every
-value with every distribution); a model and a guide that scale a latent site differently --
-the one-sided beta-VAE pitfall, which Pyro does not flag -- raise a
-:class:`ScaleMismatchWarning` that says what the objective then is.
+non-finite log-density, a value whose shape Pyro's validation rejects, a value and a
+distribution that broadcast each other (in batch or event dims, whatever the validation flag),
+observed data whose dim lines up with the plate of vectorized particles, a latent site with a
+batch dim that no plate declares.  A model and a guide that scale or mask a latent site
+differently -- the one-sided beta-VAE pitfall, which Pyro does not flag -- raise one
+:class:`ScaleMismatchWarning` per call that lists the sites and says what the objective then is.
+
+Every term is accumulated in float64 whatever the model's dtype; ``loss`` is Pyro's own number.
+:func:`read_pair` and :func:`split_terms` are the term-splitting code that the
+``TermsTrace_ELBO`` recorders (:mod:`elbo_terms.terms`) share.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ import math
 import numbers
 import textwrap
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import pyro
@@ -55,7 +63,20 @@ from pyro.infer.util import check_fully_reparametrized, is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 from pyro.util import check_model_guide_match, check_site_shape
 
-__all__ = ["decompose", "Decomposition", "SiteTerm", "SiteTable", "DecomposeError", "ScaleMismatchWarning"]
+from ._versions import check_pyro_version
+
+__all__ = [
+    "decompose",
+    "Decomposition",
+    "SiteTerm",
+    "SiteTable",
+    "DecomposeError",
+    "ScaleMismatchWarning",
+    "read_pair",
+    "split_terms",
+    "term_means",
+    "check_finite",
+]
 
 
 #: the name Pyro gives the plate that vectorizes particles (``ELBO._vectorized_num_particles``)
@@ -226,12 +247,37 @@ class SiteTable(tuple):
         )
 
 
+class _PerParticle(Mapping):
+    """``per_particle``: term -> list of the particles' values (float64 tensors, made lists when read)."""
+
+    def __init__(self, tensors: dict):
+        self._tensors = tensors
+        self._lists = {}
+
+    def __getitem__(self, term):
+        if term not in self._lists:
+            t = self._tensors[term]
+            self._lists[term] = None if t is None else t.tolist()
+        return self._lists[term]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)
+
+    def __repr__(self):
+        return f"per_particle({', '.join(self._tensors)})"
+
+
 @dataclass(frozen=True)
 class Decomposition:
     r"""The ELBO of one evaluation, split into terms (Python floats, means over the particles).
 
-    * ``elbo`` = mean over particles of :math:`\log p(x, z) - \log q(z)`; ``loss`` = ``-elbo``,
-      equal to ``Trace_ELBO(...).loss`` on the same draws;
+    * ``loss``: Pyro's own number, computed exactly as ``Trace_ELBO(...).loss`` computes it:
+      bit-identical to it on the same draws, whatever the model's dtype;
+    * ``elbo`` = mean over particles of :math:`\log p(x, z) - \log q(z)`, accumulated in
+      float64 (see below); ``-loss`` up to the rounding of Pyro's own sum;
     * ``reconstruction`` = :math:`\log p(x \mid z)`, the observed sites of the model;
     * ``log_prior`` = :math:`\log p(z)`, the latent sites of the model;
     * ``log_q`` = :math:`\log q(z)`, every sample site of the guide;
@@ -248,11 +294,21 @@ class Decomposition:
       KL in closed form and no auxiliary site, ``kl_mean_field == kl_analytic``;
     * ``mean_field_note``: None, or why ``elbo_mean_field`` is None, or (with validation off)
       what is wrong with the number ``TraceMeanField_ELBO`` returns for this guide;
-    * ``per_particle[term]``: the ``num_particles`` values of each term, and
+    * ``per_particle[term]``: the ``num_particles`` values of each term (a list of floats), and
       ``stderr[term]`` their standard error (None when ``num_particles`` is 1);
     * ``sites``: the per-site :class:`SiteTable`.
+
+    **Precision.** Every term is accumulated in float64 whatever the model's dtype: each
+    site's scaled log-density tensor is summed with float64 accumulation, the sites and the
+    particles are added in float64, and every mean is ``sum / num_particles`` of the float64
+    ``per_particle`` values (so ``elbo`` is exactly the mean of ``per_particle["elbo"]``).
+    ``reconstruction - kl_mc == elbo`` therefore holds to float64 rounding (about 1e-16
+    relative) even for a float32 model.  ``loss`` alone is Pyro's arithmetic, in the model's
+    dtype: for a float32 model ``-loss`` and ``elbo`` differ by float32 rounding (about 1e-7
+    relative); for a float64 model by float64 rounding.
     """
 
+    loss: float
     elbo: float
     reconstruction: float
     log_prior: float
@@ -264,7 +320,7 @@ class Decomposition:
     mean_field_note: str | None
     num_particles: int
     vectorize_particles: bool
-    per_particle: dict = field(repr=False)
+    per_particle: Mapping = field(repr=False)
     stderr: dict = field(repr=False)
     _site_rows: tuple = field(repr=False, compare=False)
 
@@ -272,11 +328,6 @@ class Decomposition:
     def sites(self) -> SiteTable:
         """The per-site table (built when first asked for: the numbers are already floats)."""
         return SiteTable(_site_term(*row) for row in self._site_rows)
-
-    @property
-    def loss(self) -> float:
-        """``-elbo``: what ``Trace_ELBO(...).loss`` returns on the same draws."""
-        return -self.elbo
 
     def to_dict(self) -> dict:
         """Everything as plain data (floats, lists, dicts)."""
@@ -286,7 +337,7 @@ class Decomposition:
             num_particles=self.num_particles,
             vectorize_particles=self.vectorize_particles,
             mean_field_note=self.mean_field_note,
-            per_particle={k: list(v) if v is not None else None for k, v in self.per_particle.items()},
+            per_particle={k: self.per_particle[k] for k in self.per_particle},
             stderr=dict(self.stderr),
             sites=self.sites.to_records(),
         )
@@ -338,14 +389,36 @@ def _particle_plate(fn, num_particles, max_plate_nesting):
     return pyro.plate(PARTICLE_PLATE, num_particles, dim=-max_plate_nesting)(fn)
 
 
+_PRIMITIVES = ("sample", "factor", "deterministic", "param", "subsample", "plate")
+
+
+def _site_in_traceback(exc) -> str | None:
+    """The ``name`` of the innermost Pyro primitive (``pyro.sample``, ``pyro.factor``, ...) the error passed through."""
+    name, tb = None, exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _PRIMITIVES and code.co_filename.replace("\\", "/").endswith("pyro/primitives.py"):
+            value = tb.tb_frame.f_locals.get("name")
+            if isinstance(value, str):
+                name = value
+        tb = tb.tb_next
+    return name
+
+
 def _run(what: str, fn, particle: str):
-    """Call ``fn()``; if the user's program raises, say which one (the original error is chained)."""
+    """Call ``fn()``; if the user's program raises, a :class:`DecomposeError` says which one, at which site.
+
+    The original exception is chained (``__cause__``), so its traceback still points at the user's line.
+    """
     try:
         return fn()
     except DecomposeError:
         raise
     except Exception as e:  # noqa: BLE001  (re-raised with context)
-        raise RuntimeError(f"decompose: the {what} raised {type(e).__name__}: {e} ({particle})") from e
+        site = _site_in_traceback(e)
+        where = f" at site {site!r}" if site else ""
+        message = " ".join(str(e).split())
+        raise DecomposeError(f"the {what} raised {type(e).__name__}{where}: {message} ({particle})") from e
 
 
 def _run_pair(model, guide, args, kwargs, particle):
@@ -374,8 +447,7 @@ def _guess_max_plate_nesting(model, guide, args, kwargs) -> int:
     guide_trace, model_trace = prune_subsample_sites(guide_trace), prune_subsample_sites(model_trace)
     sites = [s for tr in (model_trace, guide_trace) for s in tr.nodes.values() if s["type"] == "sample"]
     if is_validation_enabled():
-        guide_trace.compute_log_prob()
-        model_trace.compute_log_prob()
+        _log_probs(model_trace, guide_trace, score_parts=False)
         for where, trace in (("model", model_trace), ("guide", guide_trace)):
             for name, site in trace.nodes.items():
                 if site["type"] == "sample":
@@ -398,7 +470,8 @@ def _check_pair(model_trace, guide_trace):
                 raise DecomposeError(
                     f"{where} site {name!r} is marked for enumeration (infer={{'enumerate': {how!r}}}). "
                     "Trace_ELBO does not enumerate: it would draw one value and score it, a different objective. "
-                    "Use TraceEnum_ELBO for this model, or remove the enumerate flag; decompose splits Trace_ELBO only."
+                    "Use TraceEnum_ELBO for this model, or remove the enumerate flag; the ELBO terms here are "
+                    "Trace_ELBO's."
                 )
     latent = [n for n, s in model_sites.items() if not s["is_observed"]]
     missing = [n for n in latent if n not in guide_sites]
@@ -425,27 +498,37 @@ def _check_pair(model_trace, guide_trace):
 
 
 def _check_site(where: str, name: str, site):
-    """Refuse a value and a distribution that broadcast *each other*: every value against every distribution.
+    """Refuse a value and a distribution that broadcast *each other*, in batch or in event dims.
 
     Broadcasting one way is fine and common: one value scored by several distributions (a
     scalar ``obs`` inside a plate, or data shared by vectorized particles), or one distribution
     scoring several values.  Both at once -- an ``obs`` of shape ``(N, 1)`` under a
     distribution of batch shape ``(N,)`` -- gives a log-prob of shape ``(N, N)``: every datum
     is scored against every distribution of the plate, counted ``N`` times, and Pyro (without
-    validation) sums it silently.
+    validation) sums it silently.  In the event dims no broadcasting is meaningful: the value's
+    rightmost dims must be the event shape (torch's validation demands it; this check does not
+    depend on validation).
     """
     fn, value = site["fn"], site["value"]
     if not isinstance(value, torch.Tensor):
         return
+    what = "observed value" if site["is_observed"] else "value (drawn by the guide)"
+    event = tuple(fn.event_shape)
+    if event and tuple(value.shape[max(value.dim() - len(event), 0) :]) != event:
+        raise DecomposeError(
+            f"{where} site {name!r}: the {what} has shape {tuple(value.shape)}, whose rightmost dims are not the "
+            f"distribution's event shape {event}: the log-density broadcasts the event (a value would be counted "
+            f"more than once, or scored against a density of another dimension). Give the value the event shape "
+            f"{event}, or the distribution the value's (e.g. an event of shape {tuple(value.shape[-len(event) :])})."
+        )
     batch = tuple(fn.batch_shape)
-    vbatch = tuple(value.shape[: max(value.dim() - len(fn.event_shape), 0)])
+    vbatch = tuple(value.shape[: max(value.dim() - len(event), 0)])
     n = max(len(batch), len(vbatch))
     batch, vbatch = (1,) * (n - len(batch)) + batch, (1,) * (n - len(vbatch)) + vbatch
     value_spread = any(v == 1 < b for v, b in zip(vbatch, batch, strict=True))
     fn_spread = any(b == 1 < v for v, b in zip(vbatch, batch, strict=True))
     if not (value_spread and fn_spread):
         return
-    what = "observed value" if site["is_observed"] else "value (drawn by the guide)"
     lp = torch.broadcast_shapes(batch, vbatch)
     raise DecomposeError(
         f"{where} site {name!r}: the {what} has shape {tuple(value.shape)}, but the distribution has "
@@ -454,6 +537,75 @@ def _check_site(where: str, name: str, site):
         f"counted more than once. Give the value shape {tuple(fn.batch_shape + fn.event_shape)} "
         "(or .to_event the distribution)."
     )
+
+
+def _storages(args, kwargs) -> set:
+    """The storage addresses of the tensors among the arguments (one level into lists, tuples and dicts)."""
+    out = set()
+
+    def add(v):
+        if isinstance(v, torch.Tensor):
+            out.add(v.untyped_storage().data_ptr())
+
+    for v in (*args, *kwargs.values()):
+        add(v)
+        if isinstance(v, (list, tuple)):
+            for w in v:
+                add(w)
+        elif isinstance(v, dict):
+            for w in v.values():
+                add(w)
+    return out
+
+
+def _check_particle_dim(name: str, site, num_particles: int, particle_dim: int, data: set):
+    """Refuse observed data whose own dims line up with the particle plate (Trace_ELBO is silent too).
+
+    With ``S`` vectorized particles in the plate at ``particle_dim``, an observed value may vary
+    along that dim only if it is computed from the particles' draws.  A value of size ``S``
+    there that is one of the arguments (or a view of one: it shares an argument's storage) is
+    data whose dim happens to have ``S`` entries -- a column ``(N, 1)`` inside a plate of ``N``
+    with ``S = N`` -- and particle ``k`` would be scored against entry ``k`` only.
+    """
+    value, fn = site["value"], site["fn"]
+    if not isinstance(value, torch.Tensor) or isinstance(fn, dist.Unit) or not data:
+        return
+    nbatch = value.dim() - len(fn.event_shape)
+    if nbatch < -particle_dim or value.shape[nbatch + particle_dim] != num_particles:
+        return
+    if value.untyped_storage().data_ptr() not in data:
+        return
+    raise DecomposeError(
+        f"model site {name!r}: the observed value has shape {tuple(value.shape)}, and its dim {particle_dim} "
+        f"(size {num_particles}) lines up with the plate of {num_particles} vectorized particles: particle k "
+        f"would be scored against entry k of that dim only, not against all the data. Pyro's Trace_ELBO "
+        f"computes this silently (with one particle the same value is refused). Give the value the shape of "
+        f"its plates (e.g. {tuple(s for s in value.shape if s != 1) or ()}, without the extra dim of size 1)."
+    )
+
+
+def _check_undeclared_dims(name: str, site):
+    """Refuse a latent site of the model with a batch dim (size > 1) that none of its plates declares.
+
+    ``Trace_ELBO`` with ``max_plate_nesting`` set checks only that many dims from the right,
+    so an extra dim of the guide's parameters (``loc`` of shape ``(4, 1)`` in a plate of 4:
+    ``z`` of shape ``(4, 4)``) passes silently, and the terms count 16 draws of a site that the
+    model declares 4 times.
+    """
+    lp = site.get("log_prob")
+    if not isinstance(lp, torch.Tensor):
+        return
+    declared = {f.dim for f in site["cond_indep_stack"] if f.vectorized}
+    for i, size in enumerate(lp.shape):
+        d = i - lp.dim()
+        if size > 1 and d not in declared:
+            raise DecomposeError(
+                f"model site {name!r}: its log-density has shape {tuple(lp.shape)}, and dim {d} (size {size}) "
+                "belongs to no plate of the site: log p and log q count that many draws where the model declares "
+                "one (Pyro checks only max_plate_nesting dims from the right, and only with validation on). "
+                "Give the guide's distribution for the site the shape of the model's plates (here its parameters "
+                "have an extra dim), or declare the dim with a pyro.plate in both programs."
+            )
 
 
 def _check_shape(where: str, name: str, site, max_plate_nesting):
@@ -465,8 +617,31 @@ def _check_shape(where: str, name: str, site, max_plate_nesting):
         raise DecomposeError(f"{where} site {name!r}: Pyro's validation rejects its shape ({message})") from e
 
 
-def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle):
-    """One (model_trace, guide_trace): ``Trace_ELBO._get_trace`` with decompose's checks added."""
+def _log_probs(model_trace, guide_trace, score_parts=True):
+    """``compute_log_prob`` / ``compute_score_parts``; an error becomes a :class:`DecomposeError` naming the site."""
+    for where, trace in (("model", model_trace), ("guide", guide_trace)):
+        try:
+            if where == "guide" and score_parts:
+                trace.compute_score_parts()
+            else:
+                trace.compute_log_prob()
+        except Exception as e:  # noqa: BLE001  (re-raised with the site's name)
+            key = "score_parts" if where == "guide" and score_parts else "log_prob"
+            pending = [n for n, s in trace.nodes.items() if s["type"] == "sample" and key not in s]
+            site = f" site {pending[0]!r}" if pending else ""
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            cause = e.__cause__ if isinstance(e.__cause__, Exception) else e
+            detail = " ".join(str(cause).split())
+            raise DecomposeError(
+                f"{where}{site}: its log-density cannot be computed ({type(cause).__name__}: {detail or first})"
+            ) from e
+
+
+def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle, particles=None):
+    """One (model_trace, guide_trace): ``Trace_ELBO._get_trace`` with decompose's checks added.
+
+    ``particles`` is ``(S, dim)`` for a vectorized run of ``S > 1`` particles in the plate at ``dim``.
+    """
     model_trace, guide_trace = _run_pair(model, guide, args, kwargs, particle)
     _check_pair(model_trace, guide_trace)
     if is_validation_enabled():
@@ -476,20 +651,33 @@ def _one_trace(model, guide, args, kwargs, max_plate_nesting, particle):
             raise DecomposeError(f"Pyro's validation rejects the pair: {' '.join(str(e).split())}") from e
     guide_trace = prune_subsample_sites(guide_trace)
     model_trace = prune_subsample_sites(model_trace)
-    model_trace.compute_log_prob()
-    guide_trace.compute_score_parts()
+    _log_probs(model_trace, guide_trace)
+    check_traces(model_trace, guide_trace, particles, args, kwargs)
+    return model_trace, guide_trace
+
+
+def check_traces(model_trace, guide_trace, particles=None, args=(), kwargs=None):
+    """The checks of every site of a scored pair (values, shapes), shared with the ``TermsTrace_ELBO`` recorders.
+
+    ``particles`` is ``(S, dim)`` for a vectorized run; ``args`` and ``kwargs`` those of the programs.
+    """
+    data = _storages(args, kwargs or {}) if particles is not None else set()
     for where, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
-            if site["type"] == "sample":
-                _check_site(where, name, site)
-                if is_validation_enabled():
-                    _check_shape(where, name, site, max_plate_nesting)
-    return model_trace, guide_trace
+            if site["type"] != "sample":
+                continue
+            _check_site(where, name, site)
+            if where == "model" and not site["is_observed"]:
+                _check_undeclared_dims(name, site)
+            elif where == "model" and particles is not None:
+                _check_particle_dim(name, site, *particles, data)
+            if is_validation_enabled():
+                _check_shape(where, name, site, float("inf"))  # no enumeration: every batch dim is a plate's
 
 
 # ------------------------------------------------------------------------ reading the traces
 def _per_particle(t, num_vectorized: int, dim: int | None):
-    """Sum a scaled log-prob (or KL) tensor to one value per particle.
+    """Sum a scaled log-prob (or KL) tensor to one float64 value per particle (float64 accumulation).
 
     Without vectorization this is ``t.sum()``, a 0-dim tensor.  With ``num_vectorized``
     particles in the particle plate at ``dim``, every other dim is summed: a tensor of shape
@@ -497,26 +685,33 @@ def _per_particle(t, num_vectorized: int, dim: int | None):
     Pyro's sum once for all particles, so each particle gets 1/P of it.
     """
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(float(t))
+        t = torch.as_tensor(float(t), dtype=torch.float64)
     if dim is None:
-        return t.sum()
+        return t.sum(dtype=torch.float64)
     if t.dim() >= -dim and t.shape[dim] == num_vectorized:
         if t.dim() > -dim:  # some dims left of the particle plate: bring the particle dim first
             t = t.movedim(dim, 0)
-        return t.reshape(num_vectorized, -1).sum(1)
-    return (t.sum() / num_vectorized).expand(num_vectorized)
+        return t.reshape(num_vectorized, -1).sum(1, dtype=torch.float64)
+    return (t.sum(dtype=torch.float64) / num_vectorized).expand(num_vectorized)
 
 
 def _kl(guide_site, model_site):
-    """``TraceMeanField_ELBO``'s closed-form term: KL(q || p), scaled and masked by the guide site."""
+    """``TraceMeanField_ELBO``'s closed-form term: KL(q || p), scaled and masked by the guide site.
+
+    Returns ``(kl, scale)``: the KL tensor (masked) and the guide site's scale when it is a plain
+    number (to multiply after summing, one operation fewer on the big tensor), else the scaled KL and 1.
+    """
     try:
         kl = torch.distributions.kl_divergence(guide_site["fn"], model_site["fn"])
     except NotImplementedError:
-        return None
-    kl = scale_and_mask(kl, scale=guide_site["scale"], mask=guide_site["mask"])
+        return None, 1.0
+    scale = guide_site["scale"]
+    if isinstance(scale, numbers.Number) and torch.is_tensor(kl):
+        return scale_and_mask(kl, mask=guide_site["mask"]), float(scale)
+    kl = scale_and_mask(kl, scale=scale, mask=guide_site["mask"])
     if not torch.is_tensor(kl):
         kl = kl * torch.Size(guide_site["fn"].batch_shape).numel()
-    return kl
+    return kl, 1.0
 
 
 def _describe(fn) -> str:
@@ -532,21 +727,69 @@ def _describe(fn) -> str:
     return type(fn).__name__
 
 
+def _masks(site) -> list:
+    """The masks of a site: ``poutine.mask``'s (the site's) and a ``.mask()``ed distribution's."""
+    out = [] if site["mask"] is None else [site["mask"]]
+    fn = site["fn"]
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            out.append(fn._mask)
+        if isinstance(fn, (dist.ExpandedDistribution, dist.MaskedDistribution, torch.distributions.Independent)):
+            fn = fn.base_dist
+        else:
+            return out
+
+
 def _is_masked(site) -> bool:
     """Masked by ``poutine.mask`` (the site's mask) or by ``.mask()`` (a MaskedDistribution)."""
-    fn = site["fn"]
-    while isinstance(fn, (dist.ExpandedDistribution, torch.distributions.Independent)):
-        fn = fn.base_dist
-    return site["mask"] is not None or isinstance(fn, dist.MaskedDistribution)
+    return bool(_masks(site))
+
+
+def _mask_value(site):
+    """The site's combined mask: None (no mask), or a bool tensor (a Python bool becomes a 0-dim tensor)."""
+    masks = _masks(site)
+    if not masks:
+        return None
+    out = None
+    for m in masks:
+        m = torch.as_tensor(m, dtype=torch.bool)
+        out = m if out is None else out & m
+    return out
+
+
+def _same_mask(a, b) -> bool:
+    if a is None and b is None:
+        return True
+    a = torch.tensor(True) if a is None else a
+    b = torch.tensor(True) if b is None else b
+    try:
+        a, b = torch.broadcast_tensors(a, b)
+    except RuntimeError:
+        return False
+    return bool((a == b).all())
+
+
+def _fmt_mask(m) -> str:
+    if m is None:
+        return "not masked"
+    if m.numel() <= 6:
+        return f"masked by {[bool(v) for v in m.reshape(-1).tolist()]}"
+    return f"masked ({int(m.sum())} of {m.numel()} elements kept)"
 
 
 def _scale_value(s):
-    """A site's scale as a float, or a short description when it is a non-scalar tensor."""
+    """A site's scale as a float, or, for a tensor of several values, its values (a summary when many)."""
     if isinstance(s, numbers.Number):
         return float(s)
     if isinstance(s, torch.Tensor) and s.numel() == 1:
         return float(s)
-    return f"tensor{tuple(s.shape)}"
+    values = s.detach().reshape(-1).tolist()
+    if len(set(values)) == 1:
+        return f"{values[0]:.4g} (tensor of shape {_shape(s.shape)})"
+    if len(values) <= 6:
+        return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+    lo, hi, mean = min(values), max(values), sum(values) / len(values)
+    return f"tensor of shape {_shape(s.shape)}: {lo:.4g} to {hi:.4g}, mean {mean:.4g}"
 
 
 def _same_scale(a, b) -> bool:
@@ -569,20 +812,44 @@ def _estimator(guide_site) -> str:
     return "partly reparameterized"
 
 
-def _scale_warning(name, model_scale, guide_scale) -> str:
-    ms, gs = _fmt_scale(_scale_value(model_scale), 6), _fmt_scale(_scale_value(guide_scale), 6)
-    if isinstance(_scale_value(model_scale), float) and isinstance(_scale_value(guide_scale), float):
-        objective = (
-            f"E_q[log p(x|z)] - {ms} * KL(q||p) + ({gs} - {ms}) * H[q] for this site, where H[q] is the guide's entropy"
-        )
-    else:
-        objective = "E_q[log p(x|z)] - s_p * KL(q||p) + (s_q - s_p) * H[q] for this site (elementwise scales)"
+def _scale_warning(mismatches: dict) -> str:
+    """One message for every latent site whose model and guide weight it differently (scale or mask)."""
+    groups: dict = {}
+    for name, (model_site, guide_site) in mismatches.items():
+        ms, gs = _scale_value(model_site["scale"]), _scale_value(guide_site["scale"])
+        mm, gm = _mask_value(model_site), _mask_value(guide_site)
+        parts = []
+        if not _same_scale(model_site["scale"], guide_site["scale"]):
+            parts.append(
+                f"scaled by {_fmt_scale(ms, 6)} in the model (log p) but by {_fmt_scale(gs, 6)} in the guide (log q)"
+            )
+        if not _same_mask(mm, gm):
+            parts.append(f"{_fmt_mask(mm)} in the model but {_fmt_mask(gm)} in the guide")
+        if isinstance(ms, float) and isinstance(gs, float) and mm is None and gm is None:
+            m6, g6 = _fmt_scale(ms, 6), _fmt_scale(gs, 6)
+            objective = (
+                f"E_q[log p(x|z)] - {m6} * KL(q||p) + ({g6} - {m6}) * H[q] for this site, where H[q] is the guide's "
+                f"entropy, not reconstruction - {m6} * KL"
+            )
+        else:
+            objective = (
+                "E_q[log p(x|z)] - s_p * KL(q||p) + (s_q - s_p) * H[q] elementwise, where H[q] is the guide's entropy "
+                "and s_p, s_q the model's and the guide's weights of each element (scale times mask: a masked-out "
+                "element weighs 0)"
+            )
+        groups.setdefault((" and ".join(parts), objective), []).append(name)
+    sentences = []
+    for (what, objective), names in groups.items():
+        if len(names) == 1:
+            subject = f"latent site {names[0]!r} is"
+        else:
+            subject = f"latent sites {', '.join(repr(n) for n in names)} are"
+        sentences.append(f"{subject} {what}. The objective is then {objective}: the entropy term does not cancel.")
     return (
-        f"latent site {name!r} is scaled by {ms} in the model (log p) but by {gs} in the guide (log q). "
-        f"The objective is then {objective}, not reconstruction - {ms} * KL: the entropy term does not cancel. "
-        "Pyro does not check this. To weight the KL by a factor beta, scale the site by the same factor in the "
-        "guide too (poutine.scale around the pyro.sample in both programs); with plate subsampling, put the "
-        "guide's local sites in the same subsampled plate."
+        " ".join(sentences)
+        + " Pyro does not check this. To weight the KL by a factor beta, scale the site by the same factor in the "
+        "guide too (poutine.scale around the pyro.sample in both programs), and mask it the same way in both; "
+        "with plate subsampling, put the guide's local sites in the same subsampled plate."
     )
 
 
@@ -609,18 +876,109 @@ def _reparameterization_problem(guide_site) -> str | None:
     return None
 
 
-def _mean_field_site(name, g, model_site, record, acc):
+class _Terms:
+    """What one evaluation (one or several runs of the pair) leaves: per-site, per-particle float64 tensors.
+
+    ``keys`` holds ``(kind, site, run)`` with kind ``"p"`` (log p), ``"q"`` (log q), ``"kl"``
+    (closed-form KL) or ``"ent"`` (an entropy term that is not ``log q``), ``tensors`` the
+    matching float64 tensors (0-dim, or ``(S,)`` for a vectorized run): all are stacked at
+    once by :meth:`matrix`.  ``rows`` maps each site to ``[role, model site, guide site]``.
+    """
+
+    def __init__(self, num_particles: int, vectorized: bool, mean_field: bool = True):
+        self.num_particles, self.vectorized, self.mean_field = num_particles, vectorized, mean_field
+        self.rows, self.keys, self.tensors = {}, [], []
+        self.kl_missing, self.mismatch = set(), {}
+        self.mf_source, self.mf_refused, self.mf_notes = {}, None, {}
+        self.run = 0
+
+    def record(self, kind, name, t, num_vectorized, dim, scale=1.0):
+        self.keys.append((kind, name, self.run))
+        t = _per_particle(t, num_vectorized, dim)
+        self.tensors.append(t if scale == 1.0 else t * scale)
+
+    def matrix(self):
+        """``(site_keys, M)``: M[i] holds the per-particle float64 values of ``site_keys[i] = (kind, name)``.
+
+        A site absent from some particles (dynamic structure) contributes 0 there.
+        """
+        index: dict = {}
+        rows = [index.setdefault((kind, name), len(index)) for kind, name, _ in self.keys]
+        S = self.num_particles
+        if not self.tensors:
+            return [], torch.zeros(0, S, dtype=torch.float64)
+        tensors = self.tensors
+        if len({t.dtype for t in tensors}) > 1:
+            tensors = [t.to(torch.float64) for t in tensors]
+        stacked = torch.stack(tensors).to(torch.float64)
+        if self.vectorized or S == 1:  # one run: each tensor is (S,) (or 0-dim for one particle)
+            stacked = stacked.reshape(len(rows), S)
+            if len(index) == len(rows):
+                return list(index), stacked
+            m = stacked.new_zeros(len(index), S)
+            return list(index), m.index_add_(0, torch.tensor(rows), stacked)
+        m = stacked.new_zeros(len(index), S)
+        m[torch.tensor(rows), torch.tensor([run for _, _, run in self.keys])] = stacked
+        return list(index), m
+
+
+def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, dim: int | None = None):
+    """The one term-splitting code: record each site's per-particle terms of a scored pair of traces in ``terms``.
+
+    ``decompose`` and the ``TermsTrace_ELBO`` recorders both call it on the traces of one run
+    of the pair (``num_vectorized`` particles in the plate at ``dim``, or one particle).
+    Observed model sites go to the reconstruction, latent ones to the log prior, every guide
+    site to log q; a latent site also gets its closed-form KL (``TraceMeanField_ELBO``'s term)
+    where torch has one.  Latent sites that the two programs weight differently (scale or
+    mask) are collected in ``terms.mismatch``.
+    """
+    rows, record = terms.rows, terms.record
+    guide_sites = guide_trace.nodes
+
+    def rec(kind, name, site_or_tensor, scale=1.0):
+        if kind in ("kl", "ent"):
+            record(kind, name, site_or_tensor, num_vectorized, dim, scale)
+        elif dim is None:  # one particle per run: the site's sum as Pyro computed it (made float64 when stacked)
+            terms.keys.append((kind, name, terms.run))
+            terms.tensors.append(site_or_tensor["log_prob_sum"])
+        else:
+            record(kind, name, site_or_tensor["log_prob"], num_vectorized, dim)
+
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        rec("p", name, site)
+        if site["is_observed"]:
+            if name not in rows:
+                rows[name] = ["deterministic" if site["infer"].get("_deterministic") else "observed", site, None]
+            continue
+        g = guide_sites[name]
+        if name not in rows:
+            rows[name] = ["latent", site, g]
+            if not (_same_scale(site["scale"], g["scale"]) and _same_mask(_mask_value(site), _mask_value(g))):
+                terms.mismatch[name] = (site, g)
+        rec("q", name, g)
+        _mean_field_site(name, g, site, rec, terms)
+    for name, g in guide_sites.items():
+        if g["type"] == "sample" and name not in model_trace.nodes:
+            rec("q", name, g)
+            if name not in rows:
+                rows[name] = ["deterministic" if g["infer"].get("_deterministic") else "auxiliary", None, g]
+            _mean_field_site(name, g, None, rec, terms)
+
+
+def _mean_field_site(name, g, model_site, record, acc: _Terms):
     """``TraceMeanField_ELBO._differentiable_loss_particle`` for one guide site, as records and notes.
 
     A latent site (``model_site`` given) contributes its closed-form KL, or, where torch has
     none, ``entropy_term - log p``; an auxiliary site its entropy term.  What Pyro would raise
-    on becomes ``acc["mf_refused"]`` (the first, in Pyro's order); with validation off, a
-    non-reparameterized site gets a note in ``acc["mf_notes"]``.
+    on becomes ``acc.mf_refused`` (the first, in Pyro's order); with validation off, a
+    non-reparameterized site gets a note in ``acc.mf_notes``.
     """
 
     def refuse(message):
-        if acc["mf_refused"] is None:
-            acc["mf_refused"] = message
+        if acc.mf_refused is None:
+            acc.mf_refused = message
 
     if model_site is None and not g["infer"].get("is_auxiliary"):
         refuse(
@@ -636,7 +994,7 @@ def _mean_field_site(name, g, model_site, record, acc):
             "validation on, it requires every guide site to be fully reparameterized. Use Trace_ELBO (elbo, kl_mc) "
             "for this guide."
         )
-    kl = None if model_site is None else _kl(g, model_site)
+    kl, kl_scale = (None, 1.0) if model_site is None else _kl(g, model_site)
     if kl is not None:
         if torch.is_tensor(kl) and kl.shape != g["fn"].batch_shape:
             refuse(
@@ -644,11 +1002,11 @@ def _mean_field_site(name, g, model_site, record, acc):
                 f"{tuple(kl.shape)}, not the guide site's batch shape {tuple(g['fn'].batch_shape)}. Give the guide "
                 "site the model site's batch shape (the same plates)."
             )
-        record("kl", name, kl)
+        record("kl", name, kl, kl_scale)
         source = "kl"
     else:
         if model_site is not None:
-            acc["kl_missing"].add(name)
+            acc.kl_missing.add(name)
         source = _entropy_source(g)
         if source == "zero":  # Pyro calls entropy_term.sum() on the number 0
             why = "torch has no closed-form KL for it, and Pyro's sampled fallback uses" if model_site else "Pyro uses"
@@ -659,61 +1017,125 @@ def _mean_field_site(name, g, model_site, record, acc):
             )
         elif source == "ent":
             record("ent", name, g["score_parts"].entropy_term)
-    acc["mf_source"][name] = source
-    if problem and not is_validation_enabled() and name not in acc["mf_notes"]:
+    acc.mf_source[name] = source
+    if problem and not is_validation_enabled() and name not in acc.mf_notes:
         if source == "kl":
-            acc["mf_notes"][name] = (
+            acc.mf_notes[name] = (
                 f"guide site {name!r} is {problem}: TraceMeanField_ELBO's value uses its "
                 "closed-form KL, but its gradient lacks the score-function term (with validation on, Pyro refuses "
                 "this guide)."
             )
         elif source == "ent":
-            acc["mf_notes"][name] = (
+            acc.mf_notes[name] = (
                 f"guide site {name!r} is {problem}: TraceMeanField_ELBO's number uses its entropy term in place of "
                 "its log q (with validation on, Pyro refuses this guide)."
             )
 
 
-def _read(model_trace, guide_trace, num_vectorized, dim, acc):
-    """One pass over a pair of traces: record each site's per-particle terms in ``acc``.
+_OBSERVED, _LATENT, _GUIDE = ("observed", "deterministic"), ("latent",), ("latent", "auxiliary", "deterministic")
 
-    ``acc["keys"]`` gets ``(kind, site, run)`` with kind ``"p"`` (log p), ``"q"`` (log q),
-    ``"kl"`` (closed-form KL) or ``"ent"`` (an entropy term that is not ``log q``), and
-    ``acc["tensors"]`` the matching tensors: all become floats in one go later.
+
+@functools.lru_cache(maxsize=64)
+def _weights(keys: tuple, roles: tuple, sources: tuple | None, dtype) -> tuple:
+    """``(names, W)``: ``W @ M`` gives every term per particle, one row per name (a term that exists).
+
+    ``keys`` are the rows of ``M`` (``(kind, site)``), ``roles`` the sites' roles,
+    ``sources`` (None without the mean-field terms) where ``TraceMeanField_ELBO`` takes each
+    guide site's term: ``"kl"``, ``"q"``, ``"ent"`` or ``"zero"`` (see :func:`_mean_field_site`).
+    Deterministic sites score 0 (their Delta is masked); they are summed only to follow Pyro exactly.
     """
-    rows, keys, tensors, run = acc["rows"], acc["keys"], acc["tensors"], acc["run"]
-    guide_sites = guide_trace.nodes
+    role = dict(roles)
+    index = {k: i for i, k in enumerate(keys)}
 
-    def record(kind, name, site_or_tensor):
-        keys.append((kind, name, run))
-        if kind in ("kl", "ent"):
-            tensors.append(_per_particle(site_or_tensor, num_vectorized, dim))
-        elif dim is None:
-            tensors.append(site_or_tensor["log_prob_sum"])
-        else:
-            tensors.append(_per_particle(site_or_tensor["log_prob"], num_vectorized, dim))
+    def rows(kind, want, sign=1.0):
+        w = [0.0] * len(keys)
+        for (k, name), i in index.items():
+            if k == kind and role.get(name) in want:
+                w[i] = sign
+        return w
 
-    for name, site in model_trace.nodes.items():
-        if site["type"] != "sample":
-            continue
-        record("p", name, site)
-        if site["is_observed"]:
-            if name not in rows:
-                rows[name] = ["deterministic" if site["infer"].get("_deterministic") else "observed", site, None]
-            continue
-        g = guide_sites[name]
-        if name not in rows:
-            rows[name] = ["latent", site, g]
-            if not _same_scale(site["scale"], g["scale"]):
-                warnings.warn(_scale_warning(name, site["scale"], g["scale"]), ScaleMismatchWarning, stacklevel=3)
-        record("q", name, g)
-        _mean_field_site(name, g, site, record, acc)
-    for name, g in guide_sites.items():
-        if g["type"] == "sample" and name not in model_trace.nodes:
-            record("q", name, g)
-            if name not in rows:
-                rows[name] = ["deterministic" if g["infer"].get("_deterministic") else "auxiliary", None, g]
-            _mean_field_site(name, g, None, record, acc)
+    def add(*ws):
+        return [sum(col) for col in zip(*ws, strict=True)]
+
+    recon, prior, log_q = rows("p", _OBSERVED), rows("p", _LATENT), rows("q", _GUIDE)
+    out = {
+        "elbo": add(recon, prior, [-v for v in log_q]),
+        "reconstruction": recon,
+        "log_prior": prior,
+        "log_q": log_q,
+        "kl_mc": add(log_q, [-v for v in prior]),
+        "kl_analytic": rows("kl", _LATENT),
+    }
+    if sources is not None:
+        kl_mf = [0.0] * len(keys)
+        for name, source in sources:
+            if source in ("kl", "q", "ent"):
+                kl_mf[index[(source, name)]] += 1.0
+            if source != "kl" and role[name] == "latent":
+                kl_mf[index[("p", name)]] -= 1.0
+        out["kl_mean_field"] = kl_mf
+        out["elbo_mean_field"] = add(recon, [-v for v in kl_mf])
+    return tuple(out), torch.tensor(list(out.values()), dtype=dtype)
+
+
+def _non_finite(keys, m):
+    labels = {"q": "log q at guide", "p": "log p at model", "kl": "KL(q||p) at", "ent": "the entropy term at guide"}
+    bad = []
+    for (kind, name), vals in zip(keys, m.tolist(), strict=True):
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                bad.append(f"{labels[kind]} site {name!r} is {v} (particle {i + 1})")
+                break
+    return DecomposeError(
+        "non-finite terms: " + "; ".join(bad) + ". An ELBO with a non-finite term is meaningless: "
+        "check the site's parameters (NaN?) and that its value lies in the distribution's support."
+    )
+
+
+def split_terms(terms: _Terms):
+    """Every term, per particle, from what :func:`read_pair` recorded: ``(site_keys, M, names, rows)``.
+
+    ``M[i]`` holds the per-particle float64 values of ``site_keys[i] = (kind, site)``;
+    ``rows[j]`` those of the term ``names[j]`` (``elbo``, ``reconstruction``, ``log_prior``,
+    ``log_q``, ``kl_mc``, ``kl_analytic`` and, for the mean-field terms, ``kl_mean_field`` and
+    ``elbo_mean_field``).  Every term is a weighted sum of the sites' rows, all computed by one
+    matrix product in float64, so ``reconstruction - kl_mc == elbo`` holds to float64 rounding.
+    ``kl_analytic`` is left out without a closed form at every latent site, the mean-field
+    terms where ``TraceMeanField_ELBO`` would raise (or when ``terms.mean_field`` is False).
+    """
+    keys, m = terms.matrix()
+    roles = tuple((n, r[0]) for n, r in terms.rows.items())
+    sources = tuple(terms.mf_source.items()) if terms.mean_field and not terms.mf_refused else None
+    names, w = _weights(tuple(keys), roles, sources, m.dtype)
+    rows = w @ m if keys else m.new_zeros(len(names), terms.num_particles)
+    if terms.kl_missing:
+        keep = [i for i, n in enumerate(names) if n != "kl_analytic"]
+        names, rows = tuple(names[i] for i in keep), rows[keep]
+    return keys, m, names, rows
+
+
+def term_means(names, rows, num_particles: int, stderr: bool = True):
+    """``(mean, stderr)``: dicts over :data:`TERMS` of Python floats (None for a term left out).
+
+    ``mean = sum / S`` of each term's float64 values; ``stderr = sd / sqrt(S)`` (None for S = 1).
+    """
+    mean, se = dict.fromkeys(TERMS), dict.fromkeys(TERMS)
+    mu = rows.sum(1) / num_particles
+    mean.update(zip(names, mu.tolist(), strict=True))
+    if stderr and num_particles > 1:
+        var = (rows - mu[:, None]).square().sum(1) / (num_particles - 1) / num_particles
+        se.update(zip(names, var.sqrt().tolist(), strict=True))
+    return mean, se
+
+
+def check_finite(keys, m, *values):
+    """Raise :class:`DecomposeError` naming the sites when some of ``values`` (means of terms or sites) is not finite.
+
+    A NaN or an inf anywhere in ``M`` makes the mean of its row (and of every term that uses it) non-finite.
+    """
+    if all(v is None or math.isfinite(v) for vals in values for v in vals):
+        return
+    raise _non_finite(keys, m)
 
 
 # ----------------------------------------------------------------------------- the function
@@ -724,6 +1146,7 @@ def decompose(
     num_particles: int = 1,
     vectorize_particles: bool = False,
     max_plate_nesting: int | None = None,
+    model_kwargs: Mapping | None = None,
     **kwargs,
 ) -> Decomposition:
     r"""Split the ELBO that ``Trace_ELBO`` estimates for ``(model, guide)`` into its terms.
@@ -738,8 +1161,18 @@ def decompose(
         = \texttt{reconstruction} - \texttt{kl\_mc},
         \qquad \texttt{kl\_mc} = \texttt{log\_q} - \texttt{log\_prior}.
 
-    ``args`` and ``kwargs`` go to both programs.  The values are computed without building
-    an autograd graph; the param store ends as running the guide leaves it.
+    ``args`` and ``kwargs`` go to both programs.  A keyword argument of your model that is
+    named like an option of this function (``num_particles``, ``vectorize_particles``,
+    ``max_plate_nesting``, ``model_kwargs``) goes in the keyword-only dict ``model_kwargs``:
+    ``decompose(model, guide, x, num_particles=8, model_kwargs={"num_particles": 3})`` passes
+    ``num_particles=3`` to both programs.  (``svi.step(x, num_particles=3)`` passes it the
+    same way: ``SVI`` has no options of that name.)
+
+    The param store ends as running the guide leaves it; no gradient is computed.
+
+    **Precision.** Every term is accumulated in float64 whatever the model's dtype (see
+    :class:`Decomposition`); ``loss`` is Pyro's own arithmetic, bit-identical to
+    ``Trace_ELBO(...).loss`` on the same draws.
 
     **Same draws.** After the same ``pyro.set_rng_seed``, the draws are those of a *fresh*
     ``Trace_ELBO`` with the same options, so ``loss`` equals its ``.loss``.  With
@@ -752,10 +1185,14 @@ def decompose(
     plate; give ``Trace_ELBO`` the same value) and neither makes the run: the draws then match
     a fresh or a reused ``Trace_ELBO``.  Without ``vectorize_particles`` nothing is guessed.
 
-    Raises :class:`DecomposeError` for a pair whose terms would be wrong (see the module
-    docstring) and ``RuntimeError`` (chaining the original) when the model or guide raises;
-    warns :class:`ScaleMismatchWarning` when model and guide scale a latent site differently.
+    **Errors.** Every refusal is a :class:`DecomposeError` (a ``ValueError``) whose message
+    names the site; when Pyro or your program raised first, that exception is chained as
+    ``__cause__``.  One :class:`ScaleMismatchWarning` per call lists every latent site that the
+    model and the guide scale or mask differently.  On a Pyro release outside the tested range
+    (``elbo_terms._versions``) it raises ``UntestedPyroError`` unless the environment variable
+    ``ELBO_TERMS_ALLOW_UNTESTED_PYRO=1`` is set.
     """
+    check_pyro_version("elbo_terms.decompose")
     if isinstance(num_particles, bool) or not isinstance(num_particles, numbers.Integral) or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
     num_particles = int(num_particles)
@@ -763,165 +1200,92 @@ def decompose(
         raise ValueError(f"max_plate_nesting must be a non-negative integer or None, got {max_plate_nesting!r}")
     if not callable(model) or not callable(guide):
         raise TypeError("decompose(model, guide, *args): model and guide must be callables (Pyro programs)")
+    if model_kwargs is not None:
+        if not isinstance(model_kwargs, Mapping):
+            raise TypeError(f"model_kwargs must be a dict of keyword arguments, got {type(model_kwargs).__name__}")
+        clash = sorted(set(model_kwargs) & set(kwargs))
+        if clash:
+            raise TypeError(f"keyword arguments {clash} given both directly and in model_kwargs")
+        kwargs = {**kwargs, **model_kwargs}
 
-    acc = {"rows": {}, "keys": [], "tensors": [], "kl_missing": set(), "run": 0}
-    acc.update(mf_source={}, mf_refused=None, mf_notes={})
-    elbo = 0.0
+    S = num_particles
+    vectorized = bool(vectorize_particles) and S > 1
+    terms = _Terms(S, vectorized)
+    pyro_elbo = 0.0
     with torch.no_grad():
         if vectorize_particles:
             mpn = float("inf") if max_plate_nesting is None else max_plate_nesting
             if mpn == float("inf"):
                 mpn = _guess_max_plate_nesting(model, guide, args, kwargs)
-            if num_particles > 1:
+            if S > 1:
                 mpn += 1  # the particle plate is one more dim (as in ELBO.__init__ / _guess_max_plate_nesting)
-            m = _particle_plate(model, num_particles, mpn)
-            g = _particle_plate(guide, num_particles, mpn)
-            why = f"{num_particles} vectorized particles"
-            dim = -mpn if num_particles > 1 else None
-            model_trace, guide_trace = _one_trace(m, g, args, kwargs, mpn, why)
-            elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / num_particles
-            _read(model_trace, guide_trace, num_particles, dim, acc)
+            m = _particle_plate(model, S, mpn)
+            g = _particle_plate(guide, S, mpn)
+            particles = (S, -mpn) if S > 1 else None
+            model_trace, guide_trace = _one_trace(m, g, args, kwargs, mpn, f"{S} vectorized particles", particles)
+            pyro_elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / S
+            read_pair(model_trace, guide_trace, terms, S, -mpn if S > 1 else None)
         else:
             mpn = float("inf") if max_plate_nesting is None else max_plate_nesting
-            for i in range(num_particles):
-                acc["run"] = i
-                particle = f"particle {i + 1} of {num_particles}"
-                model_trace, guide_trace = _one_trace(model, guide, args, kwargs, mpn, particle)
-                elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / num_particles
-                _read(model_trace, guide_trace, 1, None, acc)
-        return _assemble(elbo, acc, num_particles, bool(vectorize_particles))
+            for i in range(S):
+                terms.run = i
+                model_trace, guide_trace = _one_trace(model, guide, args, kwargs, mpn, f"particle {i + 1} of {S}")
+                pyro_elbo += (float(model_trace.log_prob_sum()) - float(guide_trace.log_prob_sum())) / S
+                read_pair(model_trace, guide_trace, terms)
+    del model_trace, guide_trace
+    if terms.mismatch:
+        warnings.warn(_scale_warning(terms.mismatch), ScaleMismatchWarning, stacklevel=2)
+    return _assemble(-pyro_elbo, terms, bool(vectorize_particles))
 
 
-def _floats(tensors: list, vectorized: bool) -> list:
-    """All recorded tensors as Python floats, with one conversion: a list of lists (one per key).
-
-    The tensors are 0-dim (one particle per run) or, ``vectorized``, all of one shape ``(S,)``.
-    """
-    if not tensors:
-        return []
-    dtypes = {t.dtype for t in tensors}
-    if len(dtypes) > 1:
-        tensors = [t.to(torch.float64) for t in tensors]
-    if not vectorized:
-        return [[v] for v in torch.stack(tensors).tolist()]
-    n = tensors[0].numel()
-    flat = torch.cat(tensors).tolist()
-    return [flat[i : i + n] for i in range(0, len(flat), n)]
-
-
-def _assemble(elbo, acc, num_particles, vectorized) -> Decomposition:
-    """Per-site, per-particle floats -> the totals, their standard errors, the site rows."""
-    rows, kl_missing = acc["rows"], acc["kl_missing"]
-    runs = 1 if vectorized else num_particles
-    per_run = num_particles if vectorized else 1  # values per run of the pair of programs
-    table = {}
-    for (kind, name, run), vals in zip(acc["keys"], _floats(acc["tensors"], per_run > 1), strict=True):
-        if kind == "kl" and name in kl_missing:
-            continue
-        # a site absent from some particles (dynamic structure) contributes 0 there
-        table.setdefault((kind, name), [0.0] * (runs * per_run))[run * per_run : (run + 1) * per_run] = vals
-
-    bad = [
-        f"{where} site {name!r} is {v} (particle {i + 1})"
-        for kind, where in (
-            ("q", "log q at guide"),
-            ("p", "log p at model"),
-            ("kl", "KL(q||p) at"),
-            ("ent", "the entropy term at guide"),
-        )
-        for (k, name), vals in table.items()
-        if k == kind
-        for i, v in enumerate(vals)
-        if not math.isfinite(v)
-    ]
-    if bad:
-        raise DecomposeError(
-            "non-finite terms: " + "; ".join(dict.fromkeys(bad)) + ". An ELBO with a non-finite term is meaningless: "
-            "check the site's parameters (NaN?) and that its value lies in the distribution's support."
-        )
-
-    def total(kind, roles):
-        out = [0.0] * num_particles
-        for name, row in rows.items():
-            vals = table.get((kind, name))
-            if row[0] in roles and vals is not None:
-                out = [a + b for a, b in zip(out, vals, strict=True)]
-        return out
-
-    # deterministic sites score 0 (their Delta is masked); they are summed only to follow Pyro exactly
-    recon, prior = total("p", ("observed", "deterministic")), total("p", ("latent",))
-    log_q = total("q", ("latent", "auxiliary", "deterministic"))
-    per = {
-        "elbo": [r + p - q for r, p, q in zip(recon, prior, log_q, strict=True)],
-        "reconstruction": recon,
-        "log_prior": prior,
-        "log_q": log_q,
-        "kl_mc": [q - p for q, p in zip(log_q, prior, strict=True)],
-        "kl_analytic": None if kl_missing else total("kl", ("latent",)),
-        "kl_mean_field": None,
-        "elbo_mean_field": None,
-    }
-    site_mf = {} if acc["mf_refused"] else _mean_field_terms(table, rows, acc["mf_source"], num_particles)
-    if not acc["mf_refused"]:
-        kl_mf = [0.0] * num_particles  # summed in site order, as total() sums: equal to kl_analytic when that exists
-        for vals in site_mf.values():
-            kl_mf = [a + b for a, b in zip(kl_mf, vals, strict=True)]
-        per["kl_mean_field"] = kl_mf
-        per["elbo_mean_field"] = [r - k for r, k in zip(recon, kl_mf, strict=True)]
-    note = acc["mf_refused"] or (" ".join(acc["mf_notes"].values()) or None)
-
-    def mean(v):
-        return None if v is None else math.fsum(v) / num_particles
-
-    def stderr(v):
-        if v is None or num_particles == 1:
-            return None
-        mu = mean(v)
-        return math.sqrt(math.fsum((x - mu) ** 2 for x in v) / (num_particles - 1) / num_particles)
-
+def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
+    """Per-site, per-particle float64 values -> the totals, their standard errors, the site rows."""
+    S = terms.num_particles
+    keys, m, names, rows = split_terms(terms)
+    mean, stderr = term_means(names, rows, S)
+    site_means = dict(zip(keys, (m.sum(1) / S).tolist(), strict=True))
+    check_finite(keys, m, mean.values(), site_means.values())
+    mf_means = {}
+    if mean["kl_mean_field"] is not None:
+        for name, source in terms.mf_source.items():
+            if source == "kl":
+                mf_means[name] = site_means[("kl", name)]
+            else:
+                log_q = 0.0 if source == "zero" else site_means[(source, name)]
+                mf_means[name] = log_q - (site_means[("p", name)] if terms.rows[name][0] == "latent" else 0.0)
+    per = dict.fromkeys(TERMS)
+    per.update(zip(names, rows, strict=True))
+    note = terms.mf_refused or (" ".join(terms.mf_notes.values()) or None)
     site_rows = tuple(
         (
             name,
             role,
             msite,
             gsite,
-            mean(table.get(("p", name))),
-            mean(table.get(("q", name))),
-            mean(table.get(("kl", name))),
-            mean(site_mf.get(name)),
+            site_means.get(("p", name)),
+            site_means.get(("q", name)),
+            None if name in terms.kl_missing else site_means.get(("kl", name)),
+            mf_means.get(name),
         )
-        for name, (role, msite, gsite) in rows.items()
+        for name, (role, msite, gsite) in terms.rows.items()
     )
     return Decomposition(
-        elbo=elbo,
-        reconstruction=mean(per["reconstruction"]),
-        log_prior=mean(per["log_prior"]),
-        log_q=mean(per["log_q"]),
-        kl_mc=mean(per["kl_mc"]),
-        kl_analytic=mean(per["kl_analytic"]),
-        kl_mean_field=mean(per["kl_mean_field"]),
-        elbo_mean_field=mean(per["elbo_mean_field"]),
+        loss=loss,
+        elbo=mean["elbo"],
+        reconstruction=mean["reconstruction"],
+        log_prior=mean["log_prior"],
+        log_q=mean["log_q"],
+        kl_mc=mean["kl_mc"],
+        kl_analytic=mean["kl_analytic"],
+        kl_mean_field=mean["kl_mean_field"],
+        elbo_mean_field=mean["elbo_mean_field"],
         mean_field_note=note,
-        num_particles=num_particles,
-        vectorize_particles=vectorized,
-        per_particle=per,
-        stderr={t: stderr(per[t]) for t in TERMS},
+        num_particles=S,
+        vectorize_particles=vectorize_particles,
+        per_particle=_PerParticle(per),
+        stderr=stderr,
         _site_rows=site_rows,
     )
-
-
-def _mean_field_terms(table, rows, sources, num_particles) -> dict:
-    """Each guide site's per-particle term in ``TraceMeanField_ELBO``'s KL (see :func:`_mean_field_site`)."""
-    zeros = [0.0] * num_particles
-    out = {}
-    for name, source in sources.items():
-        log_p = table.get(("p", name), zeros) if rows[name][0] == "latent" else zeros
-        log_q = {"kl": None, "q": table.get(("q", name)), "ent": table.get(("ent", name)), "zero": zeros}[source]
-        if source == "kl":
-            out[name] = table.get(("kl", name), zeros)
-        else:
-            out[name] = [q - p for q, p in zip(log_q or zeros, log_p, strict=True)]
-    return out
 
 
 def _site_term(name, role, msite, gsite, log_p, log_q, kl, kl_mf) -> SiteTerm:

@@ -22,11 +22,16 @@ CHAPTER = "decompose"
 EXAMPLE_LATENT, EXAMPLE_HIDDEN, EXAMPLE_BATCH, EXAMPLE_SEED = 2, 32, 64, 0
 
 
-def example_data() -> torch.Tensor:
-    """scikit-learn's bundled 8x8 digits, binarized (a pixel is 1 when its ink is above 7 of 16)."""
+@functools.cache
+def _digits():
     from sklearn.datasets import load_digits
 
-    return torch.as_tensor(load_digits().data > 7, dtype=torch.get_default_dtype())
+    return load_digits().data > 7
+
+
+def example_data() -> torch.Tensor:
+    """scikit-learn's bundled 8x8 digits, binarized (a pixel is 1 when its ink is above 7 of 16)."""
+    return torch.as_tensor(_digits(), dtype=torch.get_default_dtype())
 
 
 def example_vae(
@@ -100,6 +105,9 @@ STATEMENT_SCALE_MISMATCH = r"""\begin{aligned}
 &= -\beta_p\,\mathrm{KL}\big(q_\lambda(z)\,\|\,p(z)\big)\\
 &\quad + (\beta_q - \beta_p)\,\mathrm H[q_\lambda]
 \end{aligned}"""
+
+#: the training steps of the TermsTrace_ELBO example
+TRAIN_STEPS = 60
 
 #: the particle setting and seed of the same-draw checks
 CHECK_PARTICLES, CHECK_VECTORIZE, CHECK_SEED = 4, True, 11
