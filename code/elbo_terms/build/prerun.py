@@ -160,4 +160,3 @@ def execute_ahead(app, env, docnames):
 def setup(app):
     app.connect("env-before-read-docs", execute_ahead)
     return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}
-
