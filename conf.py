@@ -90,7 +90,9 @@ copybutton_prompt_is_regexp = True
 # ---- offline: MathJax 3 is served from the book's own _static/mathjax/, copied from the
 # django-static-mathjax wheel (pinned in requirements.txt); no page loads anything from outside.
 MATHJAX_ES5 = Path(importlib.util.find_spec("mathjax").origin).parent / "static" / "mathjax" / "es5"
-mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static/
+# relative to _static/. TeX input only: the book has no MathML, and with lazy typesetting the MathML
+# input would find the hidden MathML copies of not-yet-typeset formulas (for screen readers) and typeset them again
+mathjax_path = "mathjax/tex-chtml.js"
 mathjax3_config = {
     # textmacros: \_ and friends inside \text{}/\texttt{} (MathJax 3 shows them literally without it);
     # ui/lazy: math is typeset when it scrolls into view, so a page's first screen shows at once

@@ -119,10 +119,10 @@ def test_pages_and_styles_fetch_nothing_from_outside(book_html):
     assert not outside, "the built book fetches from outside its folder:\n" + "\n".join(outside)
 
     mathjax = book_html / "_static" / "mathjax"
-    assert (mathjax / "tex-mml-chtml.js").is_file(), "MathJax is not copied into _static/mathjax/"
+    assert (mathjax / "tex-chtml.js").is_file(), "MathJax is not copied into _static/mathjax/"
     assert list(mathjax.glob("output/chtml/fonts/woff-v2/*.woff")), "MathJax's fonts are not copied"
     elbo = (book_html / "elbo.html").read_text(encoding="utf8")
-    assert re.search(r'src="_static/mathjax/tex-mml-chtml\.js(\?v=\w+)?"', elbo), "MathJax is not the local copy"
+    assert re.search(r'src="_static/mathjax/tex-chtml\.js(\?v=\w+)?"', elbo), "MathJax is not the local copy"
 
 
 # ---------------------------------------------------------------- the browser

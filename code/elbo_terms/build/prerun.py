@@ -4,14 +4,16 @@ myst-nb (``nb_execution_mode = "cache"``) executes a notebook while Sphinx reads
 page after another, so a cold build uses one core. Before Sphinx reads anything
 (``env-before-read-docs``), this extension finds the pages about to be read that are notebooks
 whose cells are not in the execution cache, and executes them in a pool of kernels (as many as
-the machine has cores, or ``$ELBO_TERMS_JOBS``), longest first by the last build's timings. Each
-notebook is read with myst-nb's own reader and executed exactly as myst-nb does (same notebook,
-same working directory, same timeout) and its outputs are stored in the same jupyter-cache, so
+the machine has cores, or ``$ELBO_TERMS_JOBS``), longest first by the last build's timings
+(by source size in a clean clone). Each notebook is read with myst-nb's own reader, with its
+page-level settings, and executed exactly as myst-nb does (same notebook, same working directory,
+same timeout), and its outputs are stored in the same jupyter-cache, so
 when Sphinx then reads the page, myst-nb finds it cached. Nothing else changes: the cache key,
 the pages, the glue data and the ledger are those of a serial build.
 
 A notebook that fails here is not cached; myst-nb then executes it again while its page is read
-and reports the error with its traceback exactly as in a serial build, failing the build.
+and reports the error with its traceback exactly as in a serial build, failing the build. (So do
+pages that myst-nb executes its own way: ``execution_in_temp``, excluded or non-cache modes.)
 
 The kernels talk to the build over IPC (local sockets in Jupyter's runtime folder) instead of TCP:
 they are on this machine anyway, and a TCP kernel logs a warning per notebook.
@@ -23,7 +25,7 @@ import json
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from sphinx.util import logging
 
@@ -71,8 +73,9 @@ def _times_file(cache_path: str) -> Path:
 
 
 def _to_execute(app, env, docnames):
-    """(docname, path, notebook, read_fmt) of each notebook to read whose cells are not cached."""
+    """(docname, path, notebook, read_fmt, config) of each notebook to read whose cells are not cached."""
     from jupyter_cache import get_cache
+    from myst_nb.core.nb_to_tokens import nb_node_to_dict
     from myst_nb.core.read import create_nb_reader
 
     nb_config = env.mystnb_config
@@ -87,14 +90,24 @@ def _to_execute(app, env, docnames):
         if reader is None:
             continue
         notebook = reader.read(content)
-        if nb_config.metadata_key in notebook.metadata:  # page-level execution settings: myst-nb's business
+        config = nb_config
+        if nb_config.metadata_key in notebook.metadata:  # page-level settings, applied as myst-nb applies them
+            overrides = nb_node_to_dict(notebook.metadata[nb_config.metadata_key])
+            overrides.pop("output_folder", None)
+            try:
+                config = nb_config.copy(**overrides)
+            except Exception:  # myst-nb warns about it when it reads the page, and executes it itself
+                continue
+        if config.execution_mode != "cache" or config.execution_in_temp:
+            continue  # myst-nb's own ways
+        if any(PurePosixPath(path.as_posix()).match(p) for p in config.execution_excludepatterns):
             continue
         try:
             cache.match_cache_notebook(notebook)
             continue  # cached
         except KeyError:
             pass
-        todo.append((docname, path, notebook, reader.read_fmt))
+        todo.append((docname, path, notebook, reader.read_fmt, config))
     return cache, todo
 
 
@@ -114,20 +127,21 @@ def execute_ahead(app, env, docnames):
         last = json.loads(times_path.read_text(encoding="utf8"))
     except (OSError, ValueError):
         last = {}
-    # longest first (unknown ones count as long), so the pool ends together
-    todo.sort(key=lambda t: (-last.get(t[0], 1e9), t[0]))
+    # longest first, so that the pool ends together: by the last build's times; notebooks without
+    # one (a clean clone) first, the longest source first
+    todo.sort(key=lambda t: (-last.get(t[0], float("inf")), -t[1].stat().st_size, t[0]))
     n = min(jobs(), len(todo))
     logger.info(f"executing {len(todo)} notebook(s), {n} at a time: {', '.join(t[0] for t in todo)}")
     manager = _ipc_kernel_manager()
-    stages = {docname: cache.add_nb_to_project(str(path), read_data=fmt) for docname, path, _, fmt in todo}
+    stages = {docname: cache.add_nb_to_project(str(path), read_data=fmt) for docname, path, _, fmt, _ in todo}
 
     def run(item):
-        docname, path, notebook, _ = item
+        docname, path, notebook, _, config = item
         result = single_nb_execution(
             notebook,
             cwd=str(path.parent),
-            allow_errors=nb_config.execution_allow_errors,
-            timeout=nb_config.execution_timeout,
+            allow_errors=config.execution_allow_errors,
+            timeout=config.execution_timeout,
             meta_override=True,
             kernel_manager_class=manager,
         )
@@ -136,7 +150,7 @@ def execute_ahead(app, env, docnames):
     with ThreadPoolExecutor(max_workers=n) as pool:
         futures = [pool.submit(run, item) for item in todo]
         for future in as_completed(futures):
-            (docname, path, notebook, _), result = future.result()
+            (docname, path, notebook, _, _), result = future.result()
             if result.err is not None:
                 FAILED.add(docname)
                 logger.info(
