@@ -36,7 +36,10 @@ def install(session, *extra):
         session.log(f"{' and '.join(INSTALL_INPUTS)} unchanged since the last install: skipping pip install")
         return
     session.install("-r", "requirements.txt", *extra)
-    if stamp is not None:
+    # `nox --no-install` on a reused venv makes session.install a no-op: then nothing was installed
+    no_install = getattr(session._runner.global_config, "no_install", False)
+    skipped = no_install and getattr(session.virtualenv, "_reused", False)
+    if stamp is not None and not skipped:
         stamp.write_text(key.hexdigest() + "\n")
 
 
