@@ -8,7 +8,7 @@
   Only informational lines are touched: every warning and error is shown as before.
 * The last line of the build is a summary::
 
-      summary: identities 40/40 passed, claims 9/9, source checks 4/4; notebooks 8 executed, 0 cached; 96.1 s
+    summary: passed: identities 40/40, claims 9/9, source checks 4/4; notebooks 8 executed (2 at a time), 0 cached; 96 s
 
   (counts of the ledger records by kind; notebooks among the pages read by this build; wall time of
   the whole ``sphinx-build`` process). It is printed when the process exits, after Sphinx's own
@@ -75,12 +75,15 @@ def _process_seconds() -> float:
 
 def summary(app, state: dict) -> str:
     env = app.env
+    status = "" if app.statuscode == 0 else "; build FAILED"
+    if not state["read"]:  # an incremental build (nox -s serve) with no page changed
+        return f"summary: no page changed, nothing checked or executed; {_process_seconds():.1f} s{status}"
     if getattr(env, "elbo_ledger", None) is None:
         ledger = "ledger not built"
     else:
         c = ledger_counts(env)
         (ip, it), (cp, ct), (sp, st) = c["identity"], c["claim"], c["source"]
-        ledger = f"identities {ip}/{it} passed, claims {cp}/{ct}, source checks {sp}/{st}"
+        ledger = f"passed: identities {ip}/{it}, claims {cp}/{ct}, source checks {sp}/{st}"
         others = {k: v for k, v in c.items() if k not in ("identity", "claim", "source")}
         ledger += "".join(f", {k} {p}/{t}" for k, (p, t) in sorted(others.items()))
     meta = getattr(env, "nb_metadata", {})
@@ -88,7 +91,6 @@ def summary(app, state: dict) -> str:
     executed = [d for d in notebooks if d in prerun.EXECUTED or d in state["executed_by_mystnb"]]
     jobs = f" ({prerun.jobs()} at a time)" if len(prerun.EXECUTED) > 1 else ""
     nbs = f"notebooks {len(executed)} executed{jobs}, {len(notebooks) - len(executed)} cached"
-    status = "" if app.statuscode == 0 else "; build FAILED"
     return f"summary: {ledger}; {nbs}; {_process_seconds():.1f} s{status}"
 
 
