@@ -1,14 +1,12 @@
 """Sphinx configuration. Sources are in book/, build with: sphinx-build -c . book _build/html"""
 
 import hashlib
+import importlib.util
 import os
 import shutil
+from importlib.metadata import version as _version
 from pathlib import Path
 
-import mathjax  # the django-static-mathjax wheel
-import pyro
-import sympy
-import torch
 from sphinx.util.fileutil import copy_asset
 
 ROOT = Path(__file__).resolve().parent
@@ -25,6 +23,8 @@ extensions = [
     "sphinxcontrib.bibtex",
     "elbo_terms.build.sphinx_ext",
     "elbo_terms.build.slides_kit",
+    "elbo_terms.build.prerun",  # notebooks execute in parallel, ahead of the read
+    "elbo_terms.build.buildlog",  # one line per notebook, a closing summary
 ]
 exclude_patterns = ["_build", "_static", "**.ipynb_checkpoints"]
 nitpicky = True
@@ -48,7 +48,8 @@ def _code_hash() -> str:
         if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p):
             h.update(str(p.relative_to(ROOT)).encode())
             h.update(p.read_bytes())
-    h.update(f"torch={torch.__version__} pyro={pyro.__version__} sympy={sympy.__version__}".encode())
+    # the installed versions, read from their metadata (importing torch here would cost seconds per build)
+    h.update(f"torch={_version('torch')} pyro={_version('pyro-ppl')} sympy={_version('sympy')}".encode())
     return h.hexdigest()[:16]
 
 
@@ -88,22 +89,45 @@ copybutton_prompt_is_regexp = True
 
 # ---- offline: MathJax 3 is served from the book's own _static/mathjax/, copied from the
 # django-static-mathjax wheel (pinned in requirements.txt); no page loads anything from outside.
-MATHJAX_ES5 = Path(mathjax.__file__).parent / "static" / "mathjax" / "es5"
-mathjax_path = "mathjax/tex-mml-chtml.js"  # relative to _static/
-# textmacros: \_ and friends inside \text{}/\texttt{} (MathJax 3 shows them literally without it)
-mathjax3_config = {"loader": {"load": ["[tex]/textmacros"]}, "tex": {"packages": {"[+]": ["textmacros"]}}}
+MATHJAX_ES5 = Path(importlib.util.find_spec("mathjax").origin).parent / "static" / "mathjax" / "es5"
+# relative to _static/. TeX input only: the book has no MathML, and with lazy typesetting the MathML
+# input would find the hidden MathML copies of not-yet-typeset formulas (for screen readers) and typeset them again
+mathjax_path = "mathjax/tex-chtml.js"
+mathjax3_config = {
+    # textmacros: \_ and friends inside \text{}/\texttt{} (MathJax 3 shows them literally without it);
+    # ui/lazy: math is typeset when it scrolls into view, so a page's first screen shows at once
+    # (printing typesets the rest first)
+    "loader": {"load": ["[tex]/textmacros", "ui/lazy"]},
+    "tex": {"packages": {"[+]": ["textmacros"]}},
+}
 # the theme's colour mode when the reader has not chosen one (unset, its script logs a console error)
 html_context = {"default_mode": "auto"}
 
 
 def _copy_mathjax(app, exception):
-    """Copy the bundle the pages load and the components it loads on demand (fonts, TeX extensions, menu)."""
+    """Copy the bundle the pages load and the components it loads on demand (fonts, TeX extensions, menu).
+
+    A stamp beside the copy names the wheel's version and what was copied; while it matches, the
+    24 MB tree is not copied again (a file deleted from the copy is noticed: the stamp lists them).
+    """
 
     def other_bundle(rel: str) -> bool:  # tex-svg.js, mml-chtml.js, ...: bundles the pages do not load
         return Path(rel).parent == Path(".") and rel.endswith(".js") and Path(rel).name != Path(mathjax_path).name
 
-    if exception is None and app.builder.format == "html":
-        copy_asset(MATHJAX_ES5, Path(app.outdir, "_static", "mathjax"), excluded=other_bundle)
+    if exception is not None or app.builder.format != "html":
+        return
+    dest = Path(app.outdir, "_static", "mathjax")
+    files = sorted(
+        p.relative_to(MATHJAX_ES5).as_posix()
+        for p in MATHJAX_ES5.rglob("*")
+        if p.is_file() and not other_bundle(p.relative_to(MATHJAX_ES5).as_posix())
+    )
+    key = f"django-static-mathjax {_version('django-static-mathjax')} from {MATHJAX_ES5}\n" + "\n".join(files) + "\n"
+    stamp = dest / ".copied-from"
+    if stamp.is_file() and stamp.read_text(encoding="utf8") == key and all((dest / f).is_file() for f in files):
+        return
+    copy_asset(MATHJAX_ES5, dest, excluded=other_bundle)
+    stamp.write_text(key, encoding="utf8")
 
 
 def setup(app):

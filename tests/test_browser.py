@@ -119,10 +119,10 @@ def test_pages_and_styles_fetch_nothing_from_outside(book_html):
     assert not outside, "the built book fetches from outside its folder:\n" + "\n".join(outside)
 
     mathjax = book_html / "_static" / "mathjax"
-    assert (mathjax / "tex-mml-chtml.js").is_file(), "MathJax is not copied into _static/mathjax/"
+    assert (mathjax / "tex-chtml.js").is_file(), "MathJax is not copied into _static/mathjax/"
     assert list(mathjax.glob("output/chtml/fonts/woff-v2/*.woff")), "MathJax's fonts are not copied"
     elbo = (book_html / "elbo.html").read_text(encoding="utf8")
-    assert re.search(r'src="_static/mathjax/tex-mml-chtml\.js(\?v=\w+)?"', elbo), "MathJax is not the local copy"
+    assert re.search(r'src="_static/mathjax/tex-chtml\.js(\?v=\w+)?"', elbo), "MathJax is not the local copy"
 
 
 # ---------------------------------------------------------------- the browser
@@ -156,6 +156,10 @@ WAIT_FOR_MATHJAX = """async () => {
     await new Promise(r => setTimeout(r, 50));
   if (!(window.MathJax && window.MathJax.startup && window.MathJax.startup.promise)) return 'MathJax did not start';
   await window.MathJax.startup.promise;
+  // the book loads MathJax's lazy typesetting (math is typeset as it scrolls into view):
+  // typeset the rest of the page too, as printing does, so that every formula is checked
+  const doc = window.MathJax.startup.document;
+  if (doc && doc.lazyTypesetAll) await doc.lazyTypesetAll();
   await document.fonts.ready;
   return 'typeset';
 }"""
@@ -181,7 +185,7 @@ INSPECT = r"""() => {
   }
   const merrors = document.querySelectorAll('mjx-merror').length;
   const untypeset = [...document.querySelectorAll('.math')]
-      .filter(e => !e.querySelector('mjx-container')).map(e => short(e.textContent));
+      .filter(e => !e.querySelector('mjx-container') || e.querySelector('mjx-lazy')).map(e => short(e.textContent));
   // raw TeX in the text a reader sees (code blocks are allowed to show TeX)
   const skip = 'pre, code, script, style, textarea, mjx-container, .highlight, .MathJax_Preview';
   const rawTeX = [];
