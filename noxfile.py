@@ -12,7 +12,7 @@ nox.options.reuse_venv = "yes"
 nox.options.default_venv_backend = "venv"
 
 ROOT = Path(__file__).parent
-TEST_REQUIREMENTS = ["pytest==9.2.0", "playwright==1.65.2"]
+TEST_REQUIREMENTS = ["pytest==9.2.0", "playwright==1.65.2", "check-jsonschema==0.39.0"]
 SERVE_REQUIREMENTS = ["sphinx-autobuild==2025.8.25"]
 SPHINX = ["sphinx-build", "-n", "-W", "--keep-going", "-c", ".", "book"]
 # what an install depends on: the pins, and the packaging of code/ (installed editable: its sources need no reinstall)
