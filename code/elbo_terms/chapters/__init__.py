@@ -15,4 +15,4 @@ Importing this package registers every identity of the book in
 | ``decompose_checks`` | decompose |
 """
 
-from . import conjugate, decompose_checks, gradients, kl, likelihoods, trace_source, vae  # noqa: F401
+from . import conjugate, decompose_checks, gradients, kl, likelihoods, questions, trace_source, vae  # noqa: F401
