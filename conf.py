@@ -25,6 +25,7 @@ extensions = [
     "sphinxcontrib.bibtex",
     "elbo_terms.build.sphinx_ext",
     "elbo_terms.build.slides_kit",
+    "elbo_terms.build.reading",  # chapter numbers continue across the parts; reading time per chapter
 ]
 exclude_patterns = ["_build", "_static", "**.ipynb_checkpoints"]
 nitpicky = True
