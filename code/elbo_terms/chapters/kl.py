@@ -596,7 +596,7 @@ def estimators_match_pyro(guide=(C.GUIDE_MEAN, C.GUIDE_SD), seeds=range(5), vari
                     loss = cls(max_plate_nesting=1).differentiable_loss(C.model, g, x)
                 dm, ds = torch.autograd.grad(-loss, [mt, st])
                 vals = {**_values(guide, x), eps: (zv - guide[0]) / guide[1]}
-                pairs = [(float(-loss), ints[k]), (float(dm), grads[k][0]), (float(ds), grads[k][1])]
+                pairs = [(float(-loss.detach()), ints[k]), (float(dm), grads[k][0]), (float(ds), grads[k][1])]
                 for got, expr in pairs:
                     want = float(expr.subs(vals))
                     worst = max(worst, abs(got - want) / max(1.0, abs(want)))
@@ -672,7 +672,8 @@ def num_gradient_variance(variant=None) -> Numeric:
         ratio,
         1.0,
         "<",
-        lhs_is=f"largest ratio B / A of the one-particle {what} variance over the chapter-1, narrow and posterior guides",
+        lhs_is=f"largest ratio B / A of the one-particle {what} variance"
+        " over the chapter-1, narrow and posterior guides",
         rhs_is="1",
     )
 
@@ -710,7 +711,8 @@ register(
         chapter=CHAPTER,
         label=None,
         statement=r"\operatorname{Var}\nabla_{m,s}\widetilde{\mathcal L}^B_1"
-        r" < \operatorname{Var}\nabla_{m,s}\widetilde{\mathcal L}^A_1\ \text{(chapter 1's, narrow and posterior guides)}",
+        r" < \operatorname{Var}\nabla_{m,s}\widetilde{\mathcal L}^A_1"
+        r"\ \text{(chapter 1's, narrow and posterior guides)}",
         numeric=num_gradient_variance,
         wrong=("loss-values",),
         summary="the gradient of B is less noisy than A's at all three guides, although the values rank otherwise",
@@ -788,7 +790,8 @@ register(
         id="mean-field-kl-at-sampled-parents",
         chapter=CHAPTER,
         label="mean-field-kl-at-sampled-parents",
-        statement=r"-\texttt{TraceMeanField\_ELBO().loss} = \log p(x \mid z_2) - \mathrm{KL}\big(q(z_1)\,\Vert\,p(z_1)\big)"
+        statement=r"-\texttt{TraceMeanField\_ELBO().loss} = \log p(x \mid z_2)"
+        r" - \mathrm{KL}\big(q(z_1)\,\Vert\,p(z_1)\big)"
         r" - \mathrm{KL}\big(q(z_2 \mid z_1)\,\Vert\,p(z_2 \mid z_1)\big)\Big|_{z_1 \sim q}",
         numeric=num_two_layer_kl,
         wrong=("exact-joint-kl",),
@@ -796,6 +799,53 @@ register(
         " a random term, exact only in expectation",
     )
 )
+
+
+def bottom_up_guide(x):
+    """q(z2) q(z1 | z2): z1 depends on z2 in the guide, while z2's model parent is z1 -- outside the condition."""
+    import pyro
+    import pyro.distributions as dist
+
+    z2 = pyro.sample("z2", dist.Normal(t64(0.5), t64(0.3)))
+    pyro.sample("z1", dist.Normal(0.5 * z2, t64(0.5)))
+
+
+def mean_field_condition_text() -> str:
+    """The paragraph of the installed TraceMeanField_ELBO docstring that states the precise condition."""
+    import inspect
+
+    from pyro.infer import TraceMeanField_ELBO as TMF
+
+    doc = inspect.getdoc(TMF)
+    start = doc.index("The mean field condition is a sufficient")
+    return " ".join(doc[start:].split("\n\n")[0].split())
+
+
+def mean_field_warnings(guide_fn, seed=0) -> list[str]:
+    """The first line of every warning TraceMeanField_ELBO gives on the two-layer model with ``guide_fn``."""
+    import warnings
+
+    import pyro
+
+    with float64(), warnings.catch_warnings(record=True) as caught, pyro.validation_enabled(True):
+        warnings.simplefilter("always")
+        with seeded(seed):
+            TraceMeanField_ELBO(max_plate_nesting=1).loss(two_layer_model, guide_fn, C.data())
+    return [str(w.message).splitlines()[0] for w in caught]
+
+
+def two_layer_kl_terms(draws=4, seed=90) -> list[float]:
+    """KL(q(z2 | z1) || p(z2 | z1)) at the sampled z1 of a few draws: a random term, not one number."""
+    from pyro import poutine
+
+    a, b, c, d, e = TWO_LAYER_GUIDE
+    out = []
+    with float64():
+        for i in range(draws):
+            with seeded(seed + i):
+                z1v = float(poutine.trace(two_layer_guide).get_trace(C.data()).nodes["z1"]["value"])
+            out.append(float(kl_divergence(Normal(t64(c + d * z1v), t64(e)), Normal(t64(z1v), t64(1.0)))))
+    return out
 
 
 __all__ = [
