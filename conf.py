@@ -25,6 +25,7 @@ extensions = [
     "elbo_terms.build.slides_kit",
     "elbo_terms.build.prerun",  # notebooks execute in parallel, ahead of the read
     "elbo_terms.build.buildlog",  # one line per notebook, a closing summary
+    "elbo_terms.build.reading",  # chapter numbers continue across the parts; reading time per chapter
 ]
 exclude_patterns = ["_build", "_static", "**.ipynb_checkpoints"]
 nitpicky = True

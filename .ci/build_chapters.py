@@ -23,10 +23,21 @@ TOCTREE = re.compile(r"^```\{toctree\}\n.*?^```\n", re.S | re.M)
 EQUATION = re.compile(r"^\$\$\n(?:(?!^\$\$).)*?^\$\$ \([a-z0-9-]+\)\n", re.S | re.M)
 
 
+def toctrees(text: str | None = None) -> list[dict]:
+    """The landing page's toctrees, in order: ``{"caption": str, "numbered": bool, "docs": [...]}``."""
+    text = (BOOK / "index.md").read_text() if text is None else text
+    out = []
+    for block in TOCTREE.findall(text):
+        lines = [ln.strip() for ln in block.splitlines()[1:-1] if ln.strip()]
+        options = dict((ln[1:].split(":", 1) + [""])[:2] for ln in lines if ln.startswith(":"))
+        docs = [ln for ln in lines if not ln.startswith(":")]
+        out.append({"caption": options.get("caption", "").strip(), "numbered": "numbered" in options, "docs": docs})
+    return out
+
+
 def chapters() -> list[str]:
-    text = (BOOK / "index.md").read_text()
-    block = text.split(":caption: Chapters", 1)[1].split("```", 1)[0]
-    return [ln.strip() for ln in block.splitlines() if ln.strip() and not ln.strip().startswith(":")]
+    """Every numbered chapter (Parts I and II), in reading order."""
+    return [doc for tree in toctrees() if tree["numbered"] for doc in tree["docs"]]
 
 
 def stub(doc: str) -> str:

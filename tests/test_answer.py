@@ -40,3 +40,15 @@ def test_the_page_leaves_no_global_state():
     answer.numbers()
     assert torch.get_default_dtype() == before
     assert len(pyro.get_param_store()) == 0
+
+
+def test_single_draw_check_does_not_read_pyros_log_probs():
+    """Issue 11 section 3: the right-hand side is written out by hand, only z's value is read from Pyro."""
+    import inspect
+
+    from elbo_terms.chapters import conjugate as C
+
+    src = inspect.getsource(C.num_trace_elbo_from_traces)
+    assert "log_prob" not in src and "trace_log_prob_sums" not in src
+    assert C.num_trace_elbo_from_traces().passed
+    assert not C.num_trace_elbo_from_traces("missing-guide-term").passed

@@ -186,6 +186,7 @@ def test_log_q_variance_measurements_are_independent_and_near_one_half():
         "kl-as-expectation",
         "trace-elbo-estimator-a",
         "trace-mean-field-estimator-b",
+        "mean-field-kl-at-sampled-parents",
     ],
 )
 def test_registered_statement_is_the_displayed_equation(ident):
@@ -208,3 +209,58 @@ def test_aevb_equation_numbers_in_the_module():
 def test_grouped_reconstruction_is_the_integral():
     assert proves_zero(K.expected_log_likelihood_by_integration() - K.expected_log_likelihood_grouped())
     assert not proves_zero(K.expected_log_likelihood_by_integration() - K.expected_log_likelihood_grouped() + K.s**2)
+
+
+# ------------------------------------------------ the variance of A and B (issue 11, section 2)
+def test_the_eps_polynomials_are_what_pyro_computes_and_a_wrong_gradient_is_caught():
+    assert K.estimators_match_pyro(guide=(0.6, 0.1), seeds=range(3)) < 1e-9
+    assert K.estimators_match_pyro(seeds=range(2), variant="score-term-dropped") > 1e-3
+
+
+def test_exact_value_spreads_are_the_reviewers():
+    t = K.variance_table()
+    assert round(t["narrow guide"]["B"]["sd"], 2) == 0.18 and round(t["narrow guide"]["A"]["sd"], 2) == 0.56
+    assert round(t["chapter-1 guide"]["A"]["sd"], 2) == 3.19 and round(t["chapter-1 guide"]["B"]["sd"], 2) == 3.63
+    assert t["posterior"]["A"]["value"] < 1e-9  # tight at the posterior, draw by draw
+
+
+def test_exact_variances_match_a_monte_carlo_of_pyros_own_gradients():
+    """Independent of the polynomials: per-draw gradients from Pyro, 400 draws, within 5 standard errors."""
+    guide = K.GUIDES["chapter-1 guide"]
+    exact_grad = K.variance_table()["chapter-1 guide"]
+    for est, cls in (("A", Trace_ELBO), ("B", TraceMeanField_ELBO)):
+        grads = []
+        with float64():
+            for seed in range(400):
+                mt, st = t64(guide[0]).requires_grad_(True), t64(guide[1]).requires_grad_(True)
+                with seeded(1000 + seed):
+                    loss = cls(max_plate_nesting=1).differentiable_loss(C.model, K._param_guide(mt, st), C.data())
+                grads.append(torch.stack(torch.autograd.grad(-loss, [mt, st])))
+        g = torch.stack(grads)
+        total = g.var(0).sum()
+        # standard error of a sample variance ~ var * sqrt(2 / (n - 1)) for near-Normal draws (generous: x2)
+        assert abs(float(total) - exact_grad[est]["grad"]) < 5 * 2 * exact_grad[est]["grad"] * (2 / 399) ** 0.5
+
+
+def test_gradient_of_b_is_less_noisy_although_values_rank_otherwise():
+    t = K.variance_table()
+    assert all(row["B"]["grad"] < row["A"]["grad"] for row in t.values())
+    assert t["chapter-1 guide"]["A"]["value"] < t["chapter-1 guide"]["B"]["value"]
+
+
+def test_sticking_the_landing_has_no_gradient_variance_at_the_posterior():
+    assert K.stl_gradient_variance(K.posterior_guide()) < 1e-20
+    assert K.stl_gradient_variance(K.GUIDES["chapter-1 guide"]) > 1.0
+
+
+# ------------------------------------------------ TraceMeanField_ELBO's condition, two latent layers
+def test_pyro_warns_only_for_the_guide_outside_the_condition():
+    assert K.mean_field_warnings(K.two_layer_guide) == []
+    assert any("mean field" in w for w in K.mean_field_warnings(K.bottom_up_guide))
+    assert "descendants of `z` in the guide" in K.mean_field_condition_text()
+
+
+def test_two_layer_kl_is_taken_at_the_sampled_parent():
+    assert K.num_two_layer_kl().passed and not K.num_two_layer_kl("exact-joint-kl").passed
+    terms = K.two_layer_kl_terms()
+    assert max(terms) - min(terms) > 1e-3  # random, not one number

@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from .._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
 from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, proves_zero
 
-__all__ = ["verify", "Result", "number", "math_lines", "show_source", "figure", "seeded", "float64", "LEDGER_PREFIX"]
+__all__ = [
+    "verify",
+    "Result",
+    "number",
+    "math_lines",
+    "show_source",
+    "figure",
+    "figure_downloads",
+    "seeded",
+    "float64",
+    "LEDGER_PREFIX",
+]
 
 LEDGER_PREFIX = "ledger-"
 
@@ -166,17 +177,22 @@ def show_source(obj):
     return Markdown("```python\n" + textwrap.dedent(inspect.getsource(obj)).rstrip() + "\n```")
 
 
-def figure(fig, name: str):
+def figure(fig, name: str, downloads: bool = True):
     """Show a matplotlib figure, with links to download it as SVG and as PNG (for slides).
 
     The files are embedded in the page as data URIs, so they work offline and are never
     stale. ``name`` is the downloaded file's stem.
+
+    A cell that carries myst-nb ``figure`` metadata (caption, name) must show exactly one
+    output, because myst-nb wraps every output of that cell in the figure: call it with
+    ``downloads=False`` and show the links from the next cell with :func:`figure_downloads`.
     """
+    global _LAST_DOWNLOADS
     import base64
     import io
 
     import matplotlib.pyplot as plt
-    from IPython.display import HTML, display
+    from IPython.display import display
 
     links = []
     for fmt, mime in (("svg", "image/svg+xml"), ("png", "image/png")):
@@ -186,6 +202,20 @@ def figure(fig, name: str):
         fig.savefig(buf, format=fmt, dpi=200, bbox_inches="tight", metadata=meta)
         data = base64.b64encode(buf.getvalue()).decode()
         links.append(f'<a download="{name}.{fmt}" href="data:{mime};base64,{data}">{fmt.upper()}</a>')
+    _LAST_DOWNLOADS = '<p class="figure-downloads">Download this figure: ' + " &middot; ".join(links) + "</p>"
     display(fig)
-    display(HTML('<p class="figure-downloads">Download this figure: ' + " &middot; ".join(links) + "</p>"))
+    if downloads:
+        figure_downloads()
     plt.close(fig)
+
+
+_LAST_DOWNLOADS: str | None = None
+
+
+def figure_downloads():
+    """The download links (SVG, PNG) of the last figure shown with :func:`figure`."""
+    from IPython.display import HTML, display
+
+    if _LAST_DOWNLOADS is None:
+        raise RuntimeError("figure_downloads(): no figure has been shown yet")
+    display(HTML(_LAST_DOWNLOADS))

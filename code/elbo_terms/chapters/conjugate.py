@@ -2,14 +2,17 @@ r"""Chapter ``elbo``: BBVI eq. (1) on the conjugate Normal model.
 
 Model and guide::
 
-    z ~ N(mu0, s0^2),   x_i | z ~ N(z, sigma^2)  (i = 1..n),   q(z) = N(m, s^2).
+    z ~ N(mu0, s0^2),   x_n | z ~ N(z, sigma^2)  (n = 1..N),   q(z) = N(m, s^2).
 
-Everything about the data enters through ``S_x = sum x_i`` and ``S_xx = sum x_i^2``.
+Everything about the data enters through ``T_1 = sum_n x_n`` and ``T_2 = sum_n x_n^2``; the
+posterior is ``N(mu_N, s_N^2)`` (book notation: N data points, n their index).
 SymPy derives the evidence by integrating ``z`` out, the ELBO by integrating against
 ``q``; the numeric checks run the same quantities through Pyro in float64.
 """
 
 from __future__ import annotations
+
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -53,10 +56,10 @@ def make_guide(m=GUIDE_MEAN, s=GUIDE_SD):
 
 
 def posterior(x, mu0=PRIOR_MEAN, s0=PRIOR_SD, sigma=NOISE_SD) -> dist.Normal:
-    """p(z | x) = N(mu_n, 1 / tau), tau = 1/s0^2 + n/sigma^2 (:func:`posterior_symbolic`)."""
-    tau = 1 / s0**2 + len(x) / sigma**2
-    mu_n = (mu0 / s0**2 + float(x.sum()) / sigma**2) / tau
-    return dist.Normal(t64(mu_n), t64(tau**-0.5))
+    """p(z | x) = N(mu_N, s_N^2), 1/s_N^2 = 1/s0^2 + N/sigma^2 (:func:`precision_symbolic`)."""
+    precision = 1 / s0**2 + len(x) / sigma**2
+    mu_post = (mu0 / s0**2 + float(x.sum()) / sigma**2) / precision
+    return dist.Normal(t64(mu_post), t64(precision**-0.5))
 
 
 def marginal(x, mu0=PRIOR_MEAN, s0=PRIOR_SD, sigma=NOISE_SD) -> dist.MultivariateNormal:
@@ -69,8 +72,10 @@ def marginal(x, mu0=PRIOR_MEAN, s0=PRIOR_SD, sigma=NOISE_SD) -> dist.Multivariat
 # ------------------------------------------------------------------- SymPy side
 z, m, mu0 = sp.symbols("z m mu_0", real=True)
 s, s0, sigma = sp.symbols("s s_0 sigma", positive=True)
-n = sp.Symbol("n", positive=True, integer=True)
-Sx, Sxx = sp.symbols("S_x S_xx", real=True)
+N = sp.Symbol("N", positive=True, integer=True)
+T1, T2 = sp.symbols("T_1 T_2", real=True)
+#: display-only symbols of the posterior's mean and standard deviation
+muN, sN = sp.Symbol("mu_N", real=True), sp.Symbol("s_N", positive=True)
 
 
 def log_normal(v, mean, sd):
@@ -79,8 +84,8 @@ def log_normal(v, mean, sd):
 
 
 def log_likelihood_symbolic():
-    """sum_i log N(x_i; z, sigma^2), written with S_x and S_xx."""
-    return -n * sp.log(2 * sp.pi * sigma**2) / 2 - (Sxx - 2 * z * Sx + n * z**2) / (2 * sigma**2)
+    """sum_n log N(x_n; z, sigma^2), written with T_1 and T_2."""
+    return -N * sp.log(2 * sp.pi * sigma**2) / 2 - (T2 - 2 * z * T1 + N * z**2) / (2 * sigma**2)
 
 
 def log_joint_symbolic():
@@ -95,18 +100,18 @@ def log_evidence_by_integration():
 
 
 def precision_symbolic(variant=None):
-    """tau = 1/s0^2 + n/sigma^2 (variant ``forgot-n``: 1/s0^2 + 1/sigma^2)."""
-    return 1 / s0**2 + (1 if variant == "forgot-n" else n) / sigma**2
+    """1/s_N^2 = 1/s0^2 + N/sigma^2, the posterior precision (variant ``forgot-n``: 1/s0^2 + 1/sigma^2)."""
+    return 1 / s0**2 + (1 if variant == "forgot-n" else N) / sigma**2
 
 
 def posterior_mean_symbolic(variant=None):
-    return (mu0 / s0**2 + Sx / sigma**2) / precision_symbolic(variant)
+    return (mu0 / s0**2 + T1 / sigma**2) / precision_symbolic(variant)
 
 
 def log_evidence_closed_form(variant=None):
     """The closed form the chapter displays (variant ``missing-log-det`` drops -1/2 log(s0^2 tau))."""
     tau, mu_n = precision_symbolic(), posterior_mean_symbolic()
-    expr = -n * sp.log(2 * sp.pi * sigma**2) / 2 - Sxx / (2 * sigma**2) - mu0**2 / (2 * s0**2) + tau * mu_n**2 / 2
+    expr = -N * sp.log(2 * sp.pi * sigma**2) / 2 - T2 / (2 * sigma**2) - mu0**2 / (2 * s0**2) + tau * mu_n**2 / 2
     if variant != "missing-log-det":
         expr += -sp.log(s0**2 * tau) / 2
     return expr
@@ -121,7 +126,7 @@ def elbo_by_integration():
 
 def elbo_closed_form(variant=None):
     """Expected log-likelihood + expected log-prior + entropy of q (variant ``missing-entropy``)."""
-    exp_loglik = -n * sp.log(2 * sp.pi * sigma**2) / 2 - (Sxx - 2 * m * Sx + n * (m**2 + s**2)) / (2 * sigma**2)
+    exp_loglik = -N * sp.log(2 * sp.pi * sigma**2) / 2 - (T2 - 2 * m * T1 + N * (m**2 + s**2)) / (2 * sigma**2)
     exp_logprior = -sp.log(2 * sp.pi * s0**2) / 2 - ((m - mu0) ** 2 + s**2) / (2 * s0**2)
     entropy = sp.log(2 * sp.pi * sp.E * s**2) / 2
     return exp_loglik + exp_logprior + (0 if variant == "missing-entropy" else entropy)
@@ -135,7 +140,7 @@ def kl_to_posterior_closed_form():
 
 # ----------------------------------------------------------- numeric helpers
 def _stats(x):
-    return {Sx: float(x.sum()), Sxx: float((x**2).sum()), n: len(x)}
+    return {T1: float(x.sum()), T2: float((x**2).sum()), N: len(x)}
 
 
 def _subs(expr, x, extra=None):
@@ -160,6 +165,31 @@ def trace_elbo_loss(model_fn, guide_fn, *args, seed=0, **elbo_kwargs):
 
 
 # ------------------------------------------------------------------ identities
+EVIDENCE_STATEMENT = (
+    r"\begin{aligned}\log p(x) = {} & -\tfrac{N}{2}\log(2\pi\sigma^2) - \tfrac12\log\tfrac{s_0^2}{s_N^2} \\"
+    r" & - \tfrac{T_2}{2\sigma^2} - \tfrac{\mu_0^2}{2s_0^2} + \tfrac{\mu_N^2}{2 s_N^2}\end{aligned}"
+)
+
+
+def log_evidence_display():
+    """The closed form (1.3) in the display symbols mu_N, s_N, as SymPy prints it."""
+    return (
+        -N * sp.log(2 * sp.pi * sigma**2) / 2
+        - sp.log(s0**2 / sN**2) / 2
+        - T2 / (2 * sigma**2)
+        - mu0**2 / (2 * s0**2)
+        + muN**2 / (2 * sN**2)
+    )
+
+
+def log_evidence_display_is_closed_form() -> bool:
+    """SymPy: the display form, with mu_N and s_N substituted, minus the closed form simplifies to 0."""
+    from ..build.identity import proves_zero
+
+    values = {muN: posterior_mean_symbolic(), sN: 1 / sp.sqrt(precision_symbolic())}
+    return proves_zero(log_evidence_display().subs(values) - log_evidence_closed_form())
+
+
 def sym_evidence(variant=None):
     return log_evidence_by_integration() - log_evidence_closed_form(variant)
 
@@ -176,8 +206,7 @@ register(
         id="evidence-closed-form",
         chapter=CHAPTER,
         label="evidence-closed-form",
-        statement=r"\begin{aligned}\log p(x) = {} & -\tfrac{n}{2}\log(2\pi\sigma^2) - \tfrac12\log(s_0^2\tau) \\"
-        r" & - \tfrac{S_{xx}}{2\sigma^2} - \tfrac{\mu_0^2}{2s_0^2} + \tfrac{\tau\mu_n^2}{2}\end{aligned}",
+        statement=EVIDENCE_STATEMENT,
         symbolic=sym_evidence,
         numeric=num_evidence,
         wrong=("missing-log-det",),
@@ -219,9 +248,9 @@ register(
         chapter=CHAPTER,
         label="posterior-closed-form",
         statement=r"\begin{aligned}p(z \mid x) &= \frac{p(x, z)}{p(x)}"
-        r" = \mathcal N\!\left(z;\ \mu_n,\ \tau^{-1}\right), \\"
-        r" \tau &= \tfrac{1}{s_0^2} + \tfrac{n}{\sigma^2},\quad"
-        r" \mu_n = \tfrac{1}{\tau}\left(\tfrac{\mu_0}{s_0^2} + \tfrac{S_x}{\sigma^2}\right)\end{aligned}",
+        r" = \mathcal N\!\left(z;\ \mu_N,\ s_N^2\right), \\"
+        r" \tfrac{1}{s_N^2} &= \tfrac{1}{s_0^2} + \tfrac{N}{\sigma^2},\quad"
+        r" \mu_N = s_N^2\left(\tfrac{\mu_0}{s_0^2} + \tfrac{T_1}{\sigma^2}\right)\end{aligned}",
         symbolic=sym_posterior,
         numeric=num_posterior,
         wrong=("forgot-n",),
@@ -300,21 +329,45 @@ register(
 )
 
 
-def _trace_elbo_variant(model_sum, guide_sum, variant):
+def _trace_elbo_variant(log_joint, log_q, variant):
     if variant == "flipped-sign":
-        return model_sum - guide_sum
+        return log_joint - log_q
     if variant == "missing-guide-term":
-        return -model_sum
-    return -(model_sum - guide_sum)
+        return -log_joint
+    return -(log_joint - log_q)
+
+
+def log_normal_by_hand(v: float, mean: float, sd: float) -> float:
+    """log N(v; mean, sd^2) = -log(2 pi sd^2)/2 - (v - mean)^2 / (2 sd^2), in plain Python floats."""
+    return -math.log(2 * math.pi * sd**2) / 2 - (v - mean) ** 2 / (2 * sd**2)
+
+
+def drawn_z(guide_fn, *args, seed=0) -> float:
+    """The value of ``z`` that the guide draws on the stream seeded with ``seed`` (only the value is read)."""
+    with seeded(seed):
+        return float(poutine.trace(guide_fn).get_trace(*args).nodes["z"]["value"].detach())
 
 
 def num_trace_elbo_from_traces(variant=None):
-    """Trace_ELBO().loss against -(model log-prob sum - guide log-prob sum) on the same draw."""
+    """Trace_ELBO().loss against -(log p(x, z) - log q(z)) written out by hand at the same drawn z.
+
+    The right-hand side does not use Pyro's log-densities: it takes the drawn value of ``z`` and
+    adds up Normal log-densities in plain Python (:func:`log_normal_by_hand`).
+    """
     with float64():
         x, guide = data(), make_guide()
         loss = trace_elbo_loss(model, guide, x, seed=3)
-        model_sum, guide_sum = trace_log_prob_sums(model, guide, x, seed=3)
-        return exact(loss, _trace_elbo_variant(model_sum, guide_sum, variant))
+        zv = drawn_z(guide, x, seed=3)
+        log_joint = log_normal_by_hand(zv, PRIOR_MEAN, PRIOR_SD) + sum(
+            log_normal_by_hand(xv, zv, NOISE_SD) for xv in x.tolist()
+        )
+        log_q = log_normal_by_hand(zv, GUIDE_MEAN, GUIDE_SD)
+        return exact(
+            loss,
+            _trace_elbo_variant(log_joint, log_q, variant),
+            lhs_is="Trace_ELBO().loss on one draw",
+            rhs_is="-(log p(x, z) - log q(z)) written out by hand at the drawn z",
+        )
 
 
 register(
@@ -342,15 +395,22 @@ POSTERIOR_DRAWS = 20
 
 
 def num_elbo_at_posterior(variant=None):
-    """With q = p(z|x), every single-draw -loss equals log p(x): the largest error over draws."""
+    """With q = p(z|x), every single-draw -loss equals log p(x): the draw farthest from log p(x) against it."""
     with float64():
         x = data()
         post = posterior(x)
         mean = float(post.loc) + (0.1 if variant == "guide-off-posterior" else 0.0)
         guide = make_guide(mean, float(post.scale))
-        losses = t64([trace_elbo_loss(model, guide, x, seed=100 + i) for i in range(POSTERIOR_DRAWS)])
+        values = [-trace_elbo_loss(model, guide, x, seed=100 + i) for i in range(POSTERIOR_DRAWS)]
         evidence = float(marginal(x).log_prob(x))
-        return exact(-losses, torch.full_like(losses, evidence))
+        farthest = max(values, key=lambda v: abs(v - evidence))
+        return exact(
+            farthest,
+            evidence,
+            lhs_is=f"log p(x, z) - log q(z) (= -Trace_ELBO().loss) at the draw farthest from log p(x),"
+            f" among {POSTERIOR_DRAWS} draws",
+            rhs_is="log p(x), torch's multivariate Normal marginal",
+        )
 
 
 register(

@@ -26,7 +26,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import Normal, kl_divergence
 
 from .._util import float64, seeded, t64
-from ..build.identity import Identity, Numeric, exact, monte_carlo, register
+from ..build.identity import Identity, IdentityFailed, Numeric, exact, inequality, monte_carlo, register
 from . import conjugate as C
 from .trace_source import SourceLine, count_found, traces
 
@@ -69,12 +69,12 @@ def expected_log_likelihood_by_integration():
 
 
 def expected_log_likelihood_grouped():
-    r"""-n/2 log(2 pi sigma^2) - (S_xx - 2 m S_x + n (m^2 + s^2)) / (2 sigma^2): the integral above, grouped.
+    r"""-N/2 log(2 pi sigma^2) - (T_2 - 2 m T_1 + N (m^2 + s^2)) / (2 sigma^2): the integral above, grouped.
 
-    (E_q[(x_i - z)^2] = (x_i - m)^2 + s^2, summed over i.)
+    (E_q[(x_n - z)^2] = (x_n - m)^2 + s^2, summed over n.)
     """
-    n, Sx, Sxx, sigma = C.n, C.Sx, C.Sxx, C.sigma
-    return -n * sp.log(2 * sp.pi * sigma**2) / 2 - (Sxx - 2 * m * Sx + n * (m**2 + s**2)) / (2 * sigma**2)
+    N, T1, T2, sigma = C.N, C.T1, C.T2, C.sigma
+    return -N * sp.log(2 * sp.pi * sigma**2) / 2 - (T2 - 2 * m * T1 + N * (m**2 + s**2)) / (2 * sigma**2)
 
 
 @cache
@@ -490,6 +490,362 @@ def spread_by_particles(mean, sd, particles=SPREAD_PARTICLES, repeats=SPREAD_REP
 def standard_error(x: torch.Tensor) -> float:
     """Standard error of the mean of a 1-D sample."""
     return float(x.std(unbiased=True)) / len(x) ** 0.5
+
+
+# ------------------------------------------- the variance of A and B: values and gradients, exact
+# One particle, a reparameterized draw z = m + s*eps, eps ~ N(0, 1). On the conjugate model both
+# integrands and both gradients are polynomials in eps, so their variances are exact (moments of
+# a standard Normal); :func:`estimators_match_pyro` ties the polynomials to Pyro's own values and
+# gradients on the same draws before any variance is reported.
+_EPS_MOMENTS = {0: 1, 1: 0, 2: 1, 3: 0, 4: 3, 5: 0, 6: 15, 7: 0, 8: 105}
+
+
+def _normal_variance(expr, values=None) -> float:
+    """Var_eps[expr] for a polynomial in eps, eps ~ N(0, 1), from the moments of a standard Normal.
+
+    ``values`` are substituted first (then the moments are summed in float64).
+    """
+    poly = sp.Poly(sp.expand(expr if values is None else expr.subs(values)), eps)
+    coef = {k: float(c) for (k,), c in poly.terms()}
+    mean = sum(c * _EPS_MOMENTS[k] for k, c in coef.items())
+    second = sum(ci * cj * _EPS_MOMENTS[i + j] for i, ci in coef.items() for j, cj in coef.items())
+    return second - mean**2
+
+
+@cache
+def estimator_integrands():
+    """The one-particle integrands of A and B as polynomials in eps (z = m + s*eps)."""
+    zr = m + s * eps
+    a = (C.log_joint_symbolic() - C.log_normal(z, m, s)).subs(z, zr)
+    b = C.log_likelihood_symbolic().subs(z, zr) - gaussian_kl_closed_form()
+    return {"A": sp.expand(a), "B": sp.expand(b)}
+
+
+@cache
+def estimator_gradients():
+    """d/dm and d/ds of each integrand at fixed eps: the reparameterization gradients Pyro computes."""
+    return {k: (sp.diff(f, m), sp.diff(f, s)) for k, f in estimator_integrands().items()}
+
+
+def _values(guide, x=None):
+    x = C.data() if x is None else x
+    vals = {mu0: C.PRIOR_MEAN, s0: C.PRIOR_SD, C.sigma: C.NOISE_SD, C.T1: float(x.sum()), C.T2: float((x**2).sum())}
+    vals.update({C.N: len(x), m: guide[0], s: guide[1]})
+    return vals
+
+
+def posterior_guide() -> tuple[float, float]:
+    post = C.posterior(C.data())
+    return float(post.loc), float(post.scale)
+
+
+@cache
+def variance_table() -> dict:
+    """Exact per-draw variances at the three guides of the chapter (chapter-1, narrow, the posterior).
+
+    For each guide and estimator: ``value`` = Var of the one-particle ELBO estimate, ``sd`` its square
+    root, ``grad`` = Var(d/dm) + Var(d/ds) of the one-particle gradient.
+    """
+    guides = {**GUIDES, "posterior": posterior_guide()}
+    ints, grads = estimator_integrands(), estimator_gradients()
+    out = {}
+    for name, g in guides.items():
+        vals = _values(g)
+        row = {}
+        for k in ("A", "B"):
+            value = _normal_variance(ints[k], vals)
+            grad = sum(_normal_variance(d, vals) for d in grads[k])
+            row[k] = {"value": value, "sd": value**0.5, "grad": grad}
+        out[name] = row
+    return out
+
+
+def _param_guide(mt, st):
+    def guide(x, *args, **kwargs):
+        import pyro
+        import pyro.distributions as dist
+
+        pyro.sample("z", dist.Normal(mt, st))
+
+    return guide
+
+
+def estimators_match_pyro(guide=(C.GUIDE_MEAN, C.GUIDE_SD), seeds=range(5), variant=None) -> float:
+    """Largest relative difference between Pyro and the eps-polynomials, on the same draws.
+
+    For each seed: -loss and its gradient in (m, s) from ``Trace_ELBO`` (A) and
+    ``TraceMeanField_ELBO`` (B), against :func:`estimator_integrands` and
+    :func:`estimator_gradients` at eps = (z - m) / s of the draw. Variant ``score-term-dropped``
+    uses the sticking-the-landing gradient for A (the score term of log q left out), which is not
+    what Trace_ELBO computes.
+    """
+    with float64():
+        x = C.data()
+        ints, grads = estimator_integrands(), estimator_gradients()
+        if variant == "score-term-dropped":
+            grads = dict(grads, A=stl_gradient())
+        worst = 0.0
+        for seed in seeds:
+            for k, cls in (("A", Trace_ELBO), ("B", TraceMeanField_ELBO)):
+                mt = t64(guide[0]).requires_grad_(True)
+                st = t64(guide[1]).requires_grad_(True)
+                g = _param_guide(mt, st)
+                with seeded(seed):
+                    zv = float(C.drawn_z(g, x, seed=seed))
+                with seeded(seed):
+                    loss = cls(max_plate_nesting=1).differentiable_loss(C.model, g, x)
+                dm, ds = torch.autograd.grad(-loss, [mt, st])
+                vals = {**_values(guide, x), eps: (zv - guide[0]) / guide[1]}
+                pairs = [(float(-loss.detach()), ints[k]), (float(dm), grads[k][0]), (float(ds), grads[k][1])]
+                for got, expr in pairs:
+                    want = float(expr.subs(vals))
+                    worst = max(worst, abs(got - want) / max(1.0, abs(want)))
+        return worst
+
+
+@cache
+def stl_gradient():
+    """Sticking the landing: the gradient of A with log q's parameters held fixed (only the path through z)."""
+    mb, sb = sp.symbols("m_bot s_bot", real=True)
+    zr = m + s * eps
+    f = (C.log_joint_symbolic() - C.log_normal(z, mb, sb)).subs(z, zr)
+    return tuple(sp.expand(sp.diff(f, v).subs({mb: m, sb: s})) for v in (m, s))
+
+
+def stl_gradient_variance(guide) -> float:
+    """Var(d/dm) + Var(d/ds) of the sticking-the-landing gradient of A at ``guide``, exact."""
+    vals = _values(guide)
+    return sum(_normal_variance(d, vals) for d in stl_gradient())
+
+
+@cache
+def _checked_table():
+    bad = estimators_match_pyro()
+    if bad > 1e-9:
+        raise IdentityFailed(f"Pyro's values/gradients differ from the eps-polynomials by {bad:.3g} (relative)")
+    return variance_table()
+
+
+def num_value_spread_narrow(variant=None) -> Numeric:
+    """Narrow guide: estimator B's one-particle value has the smaller spread (exact sds).
+
+    Variant ``chapter-1-guide``: the same claim at the chapter-1 guide, where it is false.
+    """
+    name = "chapter-1 guide" if variant == "chapter-1-guide" else "narrow guide"
+    row = _checked_table()[name]
+    return inequality(
+        row["B"]["sd"],
+        row["A"]["sd"],
+        "<",
+        lhs_is=f"sd of B's one-particle ELBO estimate at the {name}, exact",
+        rhs_is=f"sd of A's one-particle ELBO estimate at the {name}, exact",
+    )
+
+
+def num_value_spread_wide(variant=None) -> Numeric:
+    """Chapter-1 guide: estimator A's one-particle value has the smaller spread (exact sds).
+
+    Variant ``narrow-guide``: the same claim at the narrow guide, where it is false.
+    """
+    name = "narrow guide" if variant == "narrow-guide" else "chapter-1 guide"
+    row = _checked_table()[name]
+    return inequality(
+        row["A"]["sd"],
+        row["B"]["sd"],
+        "<",
+        lhs_is=f"sd of A's one-particle ELBO estimate at the {name}, exact",
+        rhs_is=f"sd of B's one-particle ELBO estimate at the {name}, exact",
+    )
+
+
+def num_gradient_variance(variant=None) -> Numeric:
+    """At each of the three guides, B's one-particle gradient has the smaller variance (exact).
+
+    Reported: the largest ratio Var(grad B) / Var(grad A) over the guides, against 1. Variant
+    ``loss-values``: the same ratio for the loss values, the ranking the gradient does *not* follow.
+    """
+    key = "value" if variant == "loss-values" else "grad"
+    table = _checked_table()
+    ratio = max(row["B"][key] / row["A"][key] for name, row in table.items() if row["A"][key] > 0)
+    what = "value" if key == "value" else "Var(d/dm) + Var(d/ds) of the gradient"
+    return inequality(
+        ratio,
+        1.0,
+        "<",
+        lhs_is=f"largest ratio B / A of the one-particle {what} variance"
+        " over the chapter-1, narrow and posterior guides",
+        rhs_is="1",
+    )
+
+
+register(
+    Identity(
+        id="value-spread-narrow-guide",
+        kind="claim",
+        chapter=CHAPTER,
+        label=None,
+        statement=r"\operatorname{sd}\widetilde{\mathcal L}^B_1 < \operatorname{sd}\widetilde{\mathcal L}^A_1"
+        r"\ \text{(narrow guide, one particle)}",
+        numeric=num_value_spread_narrow,
+        wrong=("chapter-1-guide",),
+        summary="with the narrow guide, B's ELBO estimate is less spread than A's (exact sds)",
+    )
+)
+register(
+    Identity(
+        id="value-spread-chapter-1-guide",
+        kind="claim",
+        chapter=CHAPTER,
+        label=None,
+        statement=r"\operatorname{sd}\widetilde{\mathcal L}^A_1 < \operatorname{sd}\widetilde{\mathcal L}^B_1"
+        r"\ \text{(chapter 1's guide, one particle)}",
+        numeric=num_value_spread_wide,
+        wrong=("narrow-guide",),
+        summary="with chapter 1's guide, A's ELBO estimate is less spread than B's (exact sds)",
+    )
+)
+register(
+    Identity(
+        id="gradient-variance-a-and-b",
+        kind="claim",
+        chapter=CHAPTER,
+        label=None,
+        statement=r"\operatorname{Var}\nabla_{m,s}\widetilde{\mathcal L}^B_1"
+        r" < \operatorname{Var}\nabla_{m,s}\widetilde{\mathcal L}^A_1"
+        r"\ \text{(chapter 1's, narrow and posterior guides)}",
+        numeric=num_gradient_variance,
+        wrong=("loss-values",),
+        summary="the gradient of B is less noisy than A's at all three guides, although the values rank otherwise",
+    )
+)
+
+
+# ------------------------------------------ TraceMeanField_ELBO with two latent layers
+def two_layer_model(x):
+    """z1 ~ N(0, 1), z2 | z1 ~ N(z1, 1), x_n | z2 ~ N(z2, sigma^2): two latent layers."""
+    import pyro
+    import pyro.distributions as dist
+
+    z1 = pyro.sample("z1", dist.Normal(t64(0.0), t64(1.0)))
+    z2 = pyro.sample("z2", dist.Normal(z1, t64(1.0)))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(z2, t64(C.NOISE_SD)), obs=x)
+
+
+#: the structured guide's numbers: q(z1) = N(a, b^2), q(z2 | z1) = N(c + d z1, e^2)
+TWO_LAYER_GUIDE = (0.4, 0.5, 0.2, 0.5, 0.3)
+
+
+def two_layer_guide(x):
+    """A top-down structured guide, q(z1) q(z2 | z1): not mean-field, but within Pyro's condition."""
+    import pyro
+    import pyro.distributions as dist
+
+    a, b, c, d, e = TWO_LAYER_GUIDE
+    z1 = pyro.sample("z1", dist.Normal(t64(a), t64(b)))
+    pyro.sample("z2", dist.Normal(c + d * z1, t64(e)))
+
+
+def num_two_layer_kl(variant=None, seed=81) -> Numeric:
+    """-TraceMeanField_ELBO().loss on one draw against log p(x | z2) - KL(q(z1) || p(z1))
+    - KL(q(z2 | z1) || p(z2 | z1)) at the sampled z1, all by hand from the drawn values.
+
+    Variant ``exact-joint-kl``: the exact KL(q(z1, z2) || p(z1, z2)) in place of the sampled-parent
+    terms, the reading that holds for one latent layer only.
+    """
+    with float64():
+        x = C.data()
+        with seeded(seed):
+            loss = TraceMeanField_ELBO(max_plate_nesting=1).loss(two_layer_model, two_layer_guide, x)
+        with seeded(seed):
+            from pyro import poutine
+
+            tr = poutine.trace(two_layer_guide).get_trace(x)
+        z1v, z2v = float(tr.nodes["z1"]["value"]), float(tr.nodes["z2"]["value"])
+        a, b, c, d, e = TWO_LAYER_GUIDE
+        recon = sum(C.log_normal_by_hand(xv, z2v, C.NOISE_SD) for xv in x.tolist())
+        kl1 = float(kl_divergence(Normal(t64(a), t64(b)), Normal(t64(0.0), t64(1.0))))
+        if variant == "exact-joint-kl":
+            kl2 = two_layer_expected_kl2()
+        else:
+            kl2 = float(kl_divergence(Normal(t64(c + d * z1v), t64(e)), Normal(t64(z1v), t64(1.0))))
+        return exact(
+            -loss,
+            recon - kl1 - kl2,
+            lhs_is="-TraceMeanField_ELBO().loss on one draw of the two-layer model",
+            rhs_is="log p(x | z2) - KL(q(z1) || p(z1)) - KL(q(z2 | z1) || p(z2 | z1)) at the drawn z1, z2",
+        )
+
+
+def two_layer_expected_kl2() -> float:
+    """E_{q(z1)} KL(q(z2 | z1) || p(z2 | z1)), exact: the second layer's share of the joint KL (chain rule)."""
+    a, b, c, d, e = TWO_LAYER_GUIDE
+    # KL(N(c + d z1, e^2) || N(z1, 1)) = -log e + (e^2 + (c + (d - 1) z1)^2) / 2 - 1/2, averaged over z1 ~ N(a, b^2)
+    mean_sq = (c + (d - 1) * a) ** 2 + ((d - 1) * b) ** 2
+    return -float(torch.log(t64(e))) + (e**2 + mean_sq) / 2 - 0.5
+
+
+register(
+    Identity(
+        id="mean-field-kl-at-sampled-parents",
+        chapter=CHAPTER,
+        label="mean-field-kl-at-sampled-parents",
+        statement=r"-\texttt{TraceMeanField\_ELBO().loss} = \log p(x \mid z_2)"
+        r" - \mathrm{KL}\big(q(z_1)\,\Vert\,p(z_1)\big)"
+        r" - \mathrm{KL}\big(q(z_2 \mid z_1)\,\Vert\,p(z_2 \mid z_1)\big)\Big|_{z_1 \sim q}",
+        numeric=num_two_layer_kl,
+        wrong=("exact-joint-kl",),
+        summary="with two latent layers, TraceMeanField_ELBO's 'closed-form' KL is taken at the sampled parent:"
+        " a random term, exact only in expectation",
+    )
+)
+
+
+def bottom_up_guide(x):
+    """q(z2) q(z1 | z2): z1 depends on z2 in the guide, while z2's model parent is z1 -- outside the condition."""
+    import pyro
+    import pyro.distributions as dist
+
+    z2 = pyro.sample("z2", dist.Normal(t64(0.5), t64(0.3)))
+    pyro.sample("z1", dist.Normal(0.5 * z2, t64(0.5)))
+
+
+def mean_field_condition_text() -> str:
+    """The paragraph of the installed TraceMeanField_ELBO docstring that states the precise condition."""
+    import inspect
+
+    from pyro.infer import TraceMeanField_ELBO as TMF
+
+    doc = inspect.getdoc(TMF)
+    start = doc.index("The mean field condition is a sufficient")
+    return " ".join(doc[start:].split("\n\n")[0].split())
+
+
+def mean_field_warnings(guide_fn, seed=0) -> list[str]:
+    """The first line of every warning TraceMeanField_ELBO gives on the two-layer model with ``guide_fn``."""
+    import warnings
+
+    import pyro
+
+    with float64(), warnings.catch_warnings(record=True) as caught, pyro.validation_enabled(True):
+        warnings.simplefilter("always")
+        with seeded(seed):
+            TraceMeanField_ELBO(max_plate_nesting=1).loss(two_layer_model, guide_fn, C.data())
+    return [str(w.message).splitlines()[0] for w in caught]
+
+
+def two_layer_kl_terms(draws=4, seed=90) -> list[float]:
+    """KL(q(z2 | z1) || p(z2 | z1)) at the sampled z1 of a few draws: a random term, not one number."""
+    from pyro import poutine
+
+    a, b, c, d, e = TWO_LAYER_GUIDE
+    out = []
+    with float64():
+        for i in range(draws):
+            with seeded(seed + i):
+                z1v = float(poutine.trace(two_layer_guide).get_trace(C.data()).nodes["z1"]["value"])
+            out.append(float(kl_divergence(Normal(t64(c + d * z1v), t64(e)), Normal(t64(z1v), t64(1.0)))))
+    return out
 
 
 __all__ = [
