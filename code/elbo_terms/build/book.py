@@ -16,7 +16,18 @@ from dataclasses import dataclass
 from .._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
 from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, proves_zero
 
-__all__ = ["verify", "Result", "number", "math_lines", "show_source", "figure", "seeded", "float64", "LEDGER_PREFIX"]
+__all__ = [
+    "verify",
+    "Result",
+    "number",
+    "math_lines",
+    "show_source",
+    "figure",
+    "figure_downloads",
+    "seeded",
+    "float64",
+    "LEDGER_PREFIX",
+]
 
 LEDGER_PREFIX = "ledger-"
 
@@ -166,12 +177,27 @@ def show_source(obj):
     return Markdown("```python\n" + textwrap.dedent(inspect.getsource(obj)).rstrip() + "\n```")
 
 
-def figure(fig, name: str):
+def figure(fig, name: str, downloads: bool = True):
     """Show a matplotlib figure, with links to download it as SVG and as PNG (for slides).
 
     The files are embedded in the page as data URIs, so they work offline and are never
     stale. ``name`` is the downloaded file's stem.
+
+    A cell with myst-nb ``figure`` metadata (numbered caption, alt text, label) wraps *every*
+    output in a figure, so there call ``figure(fig, name, downloads=False)`` and put
+    :func:`figure_downloads` in the next cell.
     """
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    display(fig)
+    plt.close(fig)  # a closed figure still saves: figure_downloads can follow in another cell
+    if downloads:
+        figure_downloads(fig, name)
+
+
+def figure_downloads(fig, name: str):
+    """Show links to download ``fig`` as SVG and PNG (data URIs), and close it."""
     import base64
     import io
 
@@ -186,6 +212,5 @@ def figure(fig, name: str):
         fig.savefig(buf, format=fmt, dpi=200, bbox_inches="tight", metadata=meta)
         data = base64.b64encode(buf.getvalue()).decode()
         links.append(f'<a download="{name}.{fmt}" href="data:{mime};base64,{data}">{fmt.upper()}</a>')
-    display(fig)
     display(HTML('<p class="figure-downloads">Download this figure: ' + " &middot; ".join(links) + "</p>"))
     plt.close(fig)
