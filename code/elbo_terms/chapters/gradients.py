@@ -1075,9 +1075,9 @@ register(
         chapter=ESTIMATORS,
         label="surrogate-scaled-site",
         statement=r"\begin{aligned}"
-        r"-\nabla_\lambda\texttt{loss} &= \nabla_\lambda \log q_\lambda(z)\,"
-        r"\big(\log p(x \mid z) + c\log p(z) - c\log q_\lambda(z)\big), \\"
-        r" &\quad c = \text{the scale of } z \text{ (model and guide)},\ z \text{ not reparam.}"
+        r"-\nabla_\lambda\texttt{loss} &= \nabla_\lambda \log q_\lambda(z)\,\big(\log p(x \mid z) \\"
+        r" &\qquad + c\log p(z) - c\log q_\lambda(z)\big), \\"
+        r" &\quad c = \text{scale of } z,\ z \text{ not reparam.}"
         r"\end{aligned}",
         numeric=num_surrogate_scaled_site,
         wrong=("scaled-score",),
