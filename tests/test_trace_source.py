@@ -97,9 +97,9 @@ def test_site_terms_equal_pyros_own_site_sums():
                 assert r.log_prob_sum == pytest.approx(float(tr.nodes[r.site]["log_prob_sum"].detach()), rel=1e-12)
     # two latent sites in each trace, one observed site in the model, no plate index sites
     assert sorted((r.trace, r.site) for r in rows if r.particle == 0) == [
-        ("guide", "sigma"),
+        ("guide", "tau"),
         ("guide", "z"),
-        ("model", "sigma"),
+        ("model", "tau"),
         ("model", "x"),
         ("model", "z"),
     ]
@@ -179,7 +179,7 @@ def test_particles_are_indexed_by_k_and_no_lognormal_parameter_is_called_b():
     assert "z^{(s)}" not in T.LOSS_BY_SITES and "z^{(k)}" in T.LOSS_BY_SITES
     with float64(), T.fresh_param_store():
         T.guide(C.data())
-        assert set(pyro.get_param_store().keys()) == {"m", "s", "m_sigma", "s_sigma"}
+        assert set(pyro.get_param_store().keys()) == {"m", "s", "m_tau", "s_tau"}
 
 
 def test_site_table_is_narrow_and_labels_sign_and_trace():

@@ -193,6 +193,8 @@ def test_decoded_samples_are_probabilities():
 def test_time_particles_reports_both_modes_without_asserting_speed(x):
     t = V.time_particles(particles=2, n=10, repeats=1)
     assert set(t) == {"sequential", "vectorized"} and all(v > 0 for v in t.values())
+    runs = V.time_particles(particles=2, n=10, repeats=2, keep_all=True)
+    assert all(len(v) == 2 for v in runs.values())
 
 
 def _displays(text):
@@ -203,18 +205,41 @@ def _displays(text):
     return {label: body for body, label in pattern.findall(text)}
 
 
-def test_every_displayed_identity_is_its_registered_statement():
-    """The chapter's displays and the registered statements (public: the ledger shows them) stay in sync."""
+@pytest.mark.parametrize("chapter", [V.CHAPTER, V.OPTIONS])
+def test_every_displayed_identity_is_its_registered_statement(chapter):
+    """Each page's displays and the registered statements (public: the ledger shows them) stay in sync."""
     from pathlib import Path
 
     from elbo_terms.build.identity import IDENTITIES
 
-    text = (Path(__file__).resolve().parent.parent / "book" / "vae-bridge.md").read_text()
+    text = (Path(__file__).resolve().parent.parent / "book" / f"{chapter}.md").read_text()
     shown = _displays(text)
-    ours = {i.label: i.statement for i in IDENTITIES.values() if i.chapter == V.CHAPTER}
+    ours = {i.label: i.statement for i in IDENTITIES.values() if i.chapter == chapter and i.label}
     assert set(shown) == set(ours)
     for label, statement in ours.items():
         assert "".join(shown[label].split()) == "".join(statement.split()), label
+    for iid in (i.id for i in IDENTITIES.values() if i.chapter == chapter):
+        assert f'verify("{iid}")' in text, iid
+
+
+def test_the_one_sided_beta_has_one_home():
+    """The one-sided beta pitfall is explained under the label other pages link to, once."""
+    from pathlib import Path
+
+    book = Path(__file__).resolve().parent.parent / "book"
+    text = (book / "vae-bridge.md").read_text()
+    assert text.count("(one-sided-beta)=") == 1
+    assert "(vae-beta-one-sided)" in text.split("(one-sided-beta)=", 1)[1]
+    assert "removes the KL's share" not in text
+
+
+def test_clipped_adam_is_not_scale_invariant_with_its_defaults():
+    """With the default clamp on both runs the summed-loss run leaves the mean-loss trajectory."""
+    a, b = V.clipped_adam_pair(variant="default-clip", steps=2)
+    assert float((a - b).abs().max()) > 1e-3
+    a, b = V.clipped_adam_pair(steps=2)
+    assert float((a - b).abs().max()) < 1e-12
+    assert 0 < V.clipped_fraction() < 1
 
 
 def test_mean_field_behaviour_is_what_the_chapter_says():

@@ -183,17 +183,39 @@ def figure(fig, name: str, downloads: bool = True):
     The files are embedded in the page as data URIs, so they work offline and are never
     stale. ``name`` is the downloaded file's stem.
 
-    A cell that carries myst-nb ``figure`` metadata (caption, name) must show exactly one
-    output, because myst-nb wraps every output of that cell in the figure: call it with
-    ``downloads=False`` and show the links from the next cell with :func:`figure_downloads`.
+    A cell that carries myst-nb ``figure`` metadata (numbered caption, alt text, label) must
+    show exactly one output, because myst-nb wraps every output of that cell in the figure:
+    call it with ``downloads=False`` and show the links from the next cell with
+    :func:`figure_downloads`.
     """
-    global _LAST_DOWNLOADS
-    import base64
-    import io
-
+    global _LAST_FIGURE
     import matplotlib.pyplot as plt
     from IPython.display import display
 
+    _LAST_FIGURE = (fig, name)
+    display(fig)
+    plt.close(fig)  # a closed figure still saves: figure_downloads can follow in another cell
+    if downloads:
+        figure_downloads(fig, name)
+
+
+_LAST_FIGURE = None
+
+
+def figure_downloads(fig=None, name: str | None = None):
+    """Show links to download ``fig`` (by default the last one shown by :func:`figure`) as SVG and PNG."""
+    import base64
+    import io
+
+    from IPython.display import HTML, display
+
+    if fig is None:
+        if _LAST_FIGURE is None:
+            raise RuntimeError("figure_downloads(): no figure has been shown yet")
+        fig, last_name = _LAST_FIGURE
+        name = name or last_name
+    if name is None:
+        raise ValueError("figure_downloads(): name the downloaded file")
     links = []
     for fmt, mime in (("svg", "image/svg+xml"), ("png", "image/png")):
         buf = io.BytesIO()
@@ -202,20 +224,4 @@ def figure(fig, name: str, downloads: bool = True):
         fig.savefig(buf, format=fmt, dpi=200, bbox_inches="tight", metadata=meta)
         data = base64.b64encode(buf.getvalue()).decode()
         links.append(f'<a download="{name}.{fmt}" href="data:{mime};base64,{data}">{fmt.upper()}</a>')
-    _LAST_DOWNLOADS = '<p class="figure-downloads">Download this figure: ' + " &middot; ".join(links) + "</p>"
-    display(fig)
-    if downloads:
-        figure_downloads()
-    plt.close(fig)
-
-
-_LAST_DOWNLOADS: str | None = None
-
-
-def figure_downloads():
-    """The download links (SVG, PNG) of the last figure shown with :func:`figure`."""
-    from IPython.display import HTML, display
-
-    if _LAST_DOWNLOADS is None:
-        raise RuntimeError("figure_downloads(): no figure has been shown yet")
-    display(HTML(_LAST_DOWNLOADS))
+    display(HTML('<p class="figure-downloads">Download this figure: ' + " &middot; ".join(links) + "</p>"))

@@ -10,8 +10,8 @@ Importing this package registers every identity of the book in
 | ``trace_source`` | inside-trace-elbo |
 | ``kl`` | reconstruction-and-kl |
 | ``likelihoods``, ``denoising`` | likelihoods-as-losses |
-| ``gradients`` | gradients |
-| ``vae`` | vae-bridge |
+| ``gradients`` | gradients, gradient-estimators |
+| ``vae`` | vae-bridge, vae-options |
 | ``decompose_checks`` | decompose |
 """
 

@@ -1,4 +1,8 @@
-r"""Chapter ``gradients``: what Pyro differentiates.
+r"""Chapters ``gradients`` (Part I) and ``gradient-estimators`` (Part II): what Pyro differentiates.
+
+``gradients`` states the two estimators, which one Pyro uses per site, and their variance;
+``gradient-estimators`` takes Pyro's surrogate apart (scaled sites, Rao-Blackwellization,
+``TraceGraph_ELBO`` baselines, the score term at the posterior). Each identity names its page.
 
 The setting is chapter ``elbo``'s conjugate Normal model (:mod:`elbo_terms.conjugate`),
 now with a guide whose parameters are ``pyro.param``\ s, lambda = (m, s)::
@@ -31,10 +35,12 @@ from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 from torch.distributions import Normal
 
 from .._util import float64, seeded, t64
-from ..build.identity import Identity, Numeric, exact, monte_carlo, register
+from ..build.identity import Identity, Numeric, exact, inequality, monte_carlo, register
 from . import conjugate as C
 
 CHAPTER = "gradients"
+#: the Part II page with the surrogate, Rao-Blackwellization, baselines and sticking the landing
+ESTIMATORS = "gradient-estimators"
 
 #: the variational parameters lambda, as SymPy symbols and as pyro.param names
 LAMBDA = (C.m, C.s)
@@ -597,7 +603,7 @@ def num_surrogate_elbo(variant=None):
 register(
     Identity(
         id="surrogate-elbo",
-        chapter=CHAPTER,
+        chapter=ESTIMATORS,
         label="surrogate-elbo",
         statement=r"\begin{aligned}"
         r"\mathcal L^{\mathrm{sur}} &= \log p(x, z) - \sum_{j\ \text{reparam.}} \log q_\lambda(z_j) \\"
@@ -641,7 +647,7 @@ def num_differentiable_loss(variant=None):
 register(
     Identity(
         id="differentiable-loss",
-        chapter=CHAPTER,
+        chapter=ESTIMATORS,
         label="differentiable-loss",
         statement=r"\texttt{differentiable\_loss}"
         r" = \texttt{loss} + \big(-\mathcal L^{\mathrm{sur}} - \bot[-\mathcal L^{\mathrm{sur}}]\big)",
@@ -699,7 +705,7 @@ def num_rao_blackwell(variant=None):
 register(
     Identity(
         id="rao-blackwell-plates",
-        chapter=CHAPTER,
+        chapter=ESTIMATORS,
         label="rao-blackwell-plates",
         statement=r"\begin{aligned}"
         r"-\nabla_{\lambda_n}\texttt{loss} &= \nabla_{\lambda_n}\log q_{\lambda_n}(z_n)\,\log r_n, \\"
@@ -775,7 +781,7 @@ def num_tracegraph_baseline(variant=None):
 register(
     Identity(
         id="tracegraph-baseline",
-        chapter=CHAPTER,
+        chapter=ESTIMATORS,
         label="tracegraph-baseline",
         statement=r"-\nabla_\lambda\texttt{loss}"
         r" = \nabla_\lambda \log q_\lambda(z)\,\big(\log p(x, z) - \log q_\lambda(z) - b\big)",
@@ -824,7 +830,7 @@ def num_score_at_posterior(variant=None):
 register(
     Identity(
         id="score-at-posterior",
-        chapter=CHAPTER,
+        chapter=ESTIMATORS,
         label="score-at-posterior",
         statement=r"\begin{aligned}"
         r"q_\lambda(z) = p(z \mid x) \implies"
@@ -860,3 +866,221 @@ def variance_by_particles(particles=PARTICLE_COUNTS, batches=VARIANCE_BATCHES, s
     return {
         kind: [float(estimator_samples(kind, batches, p, seed + p).var(0).sum()) for p in particles] for kind in KINDS
     }
+
+
+# ------------------------------------------------- exact variances and the claims they back
+# Every estimator here is a polynomial in one Gaussian draw, so its variance is a finite sum of
+# Gaussian moments: SymPy computes it exactly (no sampling). The book's comparisons of variances
+# are claims on these exact numbers.
+
+
+def _variance(estimate, v=C.z, mean=C.m, sd=C.s):
+    """Var[estimate(v)] for v ~ N(mean, sd^2), exactly: E[e^2] - E[e]^2 by Gaussian moments."""
+    e = sp.expand(estimate)
+    return gaussian_expectation(sp.expand(e**2), v, mean, sd) - gaussian_expectation(e, v, mean, sd) ** 2
+
+
+def score_estimate_symbolic(baseline=0):
+    """[d/dm, d/ds] of one score-function estimate, grad log q(z) (log r(z) - baseline), z ~ q."""
+    return [score_symbolic(lam) * (log_r_symbolic() - baseline) for lam in LAMBDA]
+
+
+def reparam_estimate_symbolic():
+    """[d/dm, d/ds] of one reparameterized estimate, as a polynomial in eps ~ N(0, 1)."""
+    path = {C.z: C.m + C.s * eps}
+    return [sp.diff(log_r_symbolic().subs(path), lam) for lam in LAMBDA]
+
+
+@functools.cache
+def exact_variances() -> dict:
+    """Exact per-draw (S = 1) total variance, Var d/dm + Var d/ds, of each estimator at the chapter's guide.
+
+    Keys: ``"score"`` (BBVI eq. 3 with one draw), ``"reparam"``, ``"score-baseline"`` (weight
+    log r - b with b = L(m, s), the closed-form ELBO, as ``TraceGraph_ELBO`` is given below) and
+    ``"score-baseline-flipped"`` (b = -L(m, s), a sign slip).
+    """
+    elbo = C.elbo_closed_form()
+    exprs = {
+        "score": sum(_variance(e) for e in score_estimate_symbolic()),
+        "reparam": sum(_variance(e, eps, 0, 1) for e in reparam_estimate_symbolic()),
+        "score-baseline": sum(_variance(e) for e in score_estimate_symbolic(elbo)),
+        "score-baseline-flipped": sum(_variance(e) for e in score_estimate_symbolic(-elbo)),
+    }
+    with float64():
+        x = C.data()
+        return {k: C._subs(sp.sympify(e), x) for k, e in exprs.items()}
+
+
+def num_score_noisier(variant=None):
+    """Exact variances: score function > reparameterized (S = 1). Wrong variant ``reversed``."""
+    v = exact_variances()
+    score, reparam = v["score"], v["reparam"]
+    what = "exact Var d/dm + Var d/ds of one {} estimate (S = 1)"
+    if variant == "reversed":
+        return inequality(reparam, score, ">", lhs_is=what.format("reparameterized"), rhs_is=what.format("score"))
+    return inequality(score, reparam, ">", lhs_is=what.format("score-function"), rhs_is=what.format("reparameterized"))
+
+
+register(
+    Identity(
+        id="score-function-noisier",
+        kind="claim",
+        chapter=CHAPTER,
+        label=None,
+        statement=r"\mathrm{Var}\,\hat g_{\mathrm{score}} > \mathrm{Var}\,\hat g_{\mathrm{reparam}}"
+        r"\quad (S = 1,\ \text{summed over } m, s)",
+        numeric=num_score_noisier,
+        wrong=("reversed",),
+        summary="on the conjugate model the score-function estimate has more variance than the"
+        " reparameterized one (exact variances)",
+    )
+)
+
+
+def num_baseline_reduces_variance(variant=None):
+    """Exact variances: with the baseline b = L(m, s) < without. Wrong variant ``baseline-sign-flipped`` (b = -L)."""
+    v = exact_variances()
+    key = "score-baseline-flipped" if variant == "baseline-sign-flipped" else "score-baseline"
+    b = "-L(m, s)" if variant == "baseline-sign-flipped" else "L(m, s)"
+    return inequality(
+        v[key],
+        v["score"],
+        "<",
+        lhs_is=f"exact Var d/dm + Var d/ds of one score-function estimate with baseline b = {b}",
+        rhs_is="the same without a baseline",
+    )
+
+
+register(
+    Identity(
+        id="baseline-reduces-variance",
+        kind="claim",
+        chapter=ESTIMATORS,
+        label=None,
+        statement=r"\mathrm{Var}\big[\nabla_\lambda \log q_\lambda(z)\,(\log r - b)\big]"
+        r" < \mathrm{Var}\big[\nabla_\lambda \log q_\lambda(z)\,\log r\big],\ b = \mathcal L(m, s)",
+        numeric=num_baseline_reduces_variance,
+        wrong=("baseline-sign-flipped",),
+        summary="the constant baseline b = L(m, s) lowers the score-function estimate's variance (exact)",
+    )
+)
+
+
+@functools.cache
+def exact_rao_blackwell_variances(point=0) -> dict:
+    """Exact per-draw variance of the estimate for m_n (n = ``point``) in the local model.
+
+    ``True``: weight log r_n (Pyro's, inside a vectorized plate); ``False``: weight sum_j log r_j.
+    The z_j are independent under the guide, so with R = sum_{j != n} log r_j,
+    E[(sc (lr_n + R))^2] = E[sc^2 lr_n^2] + 2 E[sc^2 lr_n] E[R] + E[sc^2] E[R^2], and E[sc R] = 0.
+    """
+    with float64():
+        x = [float(v) for v in C.data()]
+
+    def lr(xn):
+        return C.log_normal(xn, C.z, C.sigma) + C.log_normal(C.z, C.mu0, C.s0) - C.log_normal(C.z, C.m, C.s)
+
+    def e(f):
+        return gaussian_expectation(sp.expand(f))
+
+    sc = score_symbolic(C.m)
+    lr_n = lr(x[point])
+    others = [lr(xj) for j, xj in enumerate(x) if j != point]
+    mean_r = sum(e(f) for f in others)
+    second_r = sum(e(f**2) - e(f) ** 2 for f in others) + mean_r**2
+    mean_rb = e(sc * lr_n)
+    rb = e(sc**2 * lr_n**2) - mean_rb**2
+    full = e(sc**2 * lr_n**2) + 2 * e(sc**2 * lr_n) * mean_r + e(sc**2) * second_r - mean_rb**2
+    with float64():
+        xs = C.data()
+        return {True: C._subs(sp.sympify(rb), xs), False: C._subs(sp.sympify(full), xs)}
+
+
+def num_rao_blackwell_variance(variant=None):
+    """Exact: Var with Pyro's weight log r_n < Var with the whole sum. Wrong variant ``reversed``."""
+    v = exact_rao_blackwell_variances()
+    own, full = "exact Var of the m_1 estimate weighted by log r_1 (Pyro)", "the same weighted by sum_j log r_j"
+    if variant == "reversed":
+        return inequality(v[False], v[True], "<", lhs_is=full, rhs_is=own)
+    return inequality(v[True], v[False], "<", lhs_is=own, rhs_is=full)
+
+
+register(
+    Identity(
+        id="rao-blackwell-reduces-variance",
+        kind="claim",
+        chapter=ESTIMATORS,
+        label=None,
+        statement=r"\mathrm{Var}\big[\partial_{m_1}\log q\;\log r_1\big]"
+        r" < \mathrm{Var}\big[\partial_{m_1}\log q\;\textstyle\sum_j \log r_j\big]",
+        numeric=num_rao_blackwell_variance,
+        wrong=("reversed",),
+        summary="inside a vectorized plate Pyro's own-data-point weight lowers the variance (exact)",
+    )
+)
+
+
+# ------------------------------------------------ a scaled, non-reparameterized site
+#: the factor of the scaled-site check: poutine.scale on z, in the model and in the guide
+SITE_SCALE = 2.5
+
+
+def scaled_model(x, c=SITE_SCALE):
+    """The conjugate model with its latent site scaled by ``c`` (``poutine.scale``)."""
+    with pyro.poutine.scale(scale=c):
+        z = pyro.sample("z", dist.Normal(t64(C.PRIOR_MEAN), t64(C.PRIOR_SD)))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(z, t64(C.NOISE_SD)), obs=x)
+
+
+def make_scaled_guide(c=SITE_SCALE, draws=None):
+    """q_lambda(z) = N(m, s^2), not reparameterized, its site scaled by ``c`` like the model's."""
+
+    def guide(x):
+        m = pyro.param("m", t64(C.GUIDE_MEAN))
+        s = pyro.param("s", t64(C.GUIDE_SD))
+        with pyro.poutine.scale(scale=c):
+            z = pyro.sample("z", dist.Normal(m, s).has_rsample_(False))
+        if draws is not None:
+            draws.append(z.detach().clone())
+
+    return guide
+
+
+def num_surrogate_scaled_site(variant=None):
+    """Pyro's .grad for a scaled, non-reparameterized site against the formula, on the same draw.
+
+    Formula: -grad loss = grad log q(z) * (log p(x|z) + c log p(z) - c log q(z)): the score
+    multiplies the *unscaled* log q; the scale enters through the weight. Wrong variant
+    ``scaled-score`` multiplies the score by c too (reading the surrogate with c log q).
+    """
+    with float64():
+        x, draws, c = C.data(), [], SITE_SCALE
+        _, grads = loss_and_grads(Trace_ELBO(), make_scaled_guide(c, draws), x, model=scaled_model, seed=38)
+        z = draws[0]
+        mean, sd = C.GUIDE_MEAN, C.GUIDE_SD
+        lik = Normal(z, t64(C.NOISE_SD)).log_prob(x).sum()
+        prior = Normal(t64(C.PRIOR_MEAN), t64(C.PRIOR_SD)).log_prob(z)
+        log_q = Normal(t64(mean), t64(sd)).log_prob(z)
+        weight = lik + c * prior - c * log_q
+        score = scores(z, mean, sd)
+        if variant == "scaled-score":
+            score = c * score
+        return exact(flat(grads), -score * weight)
+
+
+register(
+    Identity(
+        id="surrogate-scaled-site",
+        chapter=ESTIMATORS,
+        label="surrogate-scaled-site",
+        statement=r"\begin{aligned}"
+        r"-\nabla_\lambda\texttt{loss} &= \nabla_\lambda \log q_\lambda(z)\,\big(\log p(x \mid z) \\"
+        r" &\qquad + c\log p(z) - c\log q_\lambda(z)\big), \\"
+        r" &\quad c = \text{scale of } z,\ z \text{ not reparam.}"
+        r"\end{aligned}",
+        numeric=num_surrogate_scaled_site,
+        wrong=("scaled-score",),
+        summary="for a scaled site the score multiplies the unscaled log q; the scale enters the weight only",
+    )
+)

@@ -13,10 +13,11 @@ which changes them fails the build instead of leaving the text silently wrong.
 The running example is the chapter-1 model (:mod:`elbo_terms.conjugate`) with its noise
 scale unknown too, so that a trace has two latent sites and one observed site in a plate::
 
-    z ~ N(mu0, s0^2),  sigma ~ LogNormal(log sigma_prior, 0.3),  x_i | z, sigma ~ N(z, sigma^2)
-    q(z, sigma) = N(z; m, s^2) LogNormal(sigma; m_sigma, s_sigma)
+    z ~ N(mu0, s0^2),  tau ~ LogNormal(log sigma, 0.3),  x_i | z, tau ~ N(z, tau^2)
+    q(z, tau) = N(z; m, s^2) LogNormal(tau; m_tau, s_tau)
 
-(LogNormal(sigma; m_sigma, s_sigma): log sigma ~ N(m_sigma, s_sigma^2).) Particles are
+(LogNormal(tau; m_tau, s_tau): log tau ~ N(m_tau, s_tau^2). The book keeps sigma
+for a fixed noise scale; the unknown one is tau, with its prior median at chapter 1's sigma.) Particles are
 indexed k = 1..S: z^(k) ~ q.
 """
 
@@ -170,7 +171,7 @@ RELIED_ON: tuple[SourceLine, ...] = (
     SourceLine(
         "particle",
         'log_prob, score_function_term, entropy_term = site["score_parts"]',
-        "the surrogate for gradients (see the chapter on gradients); it does not change the value",
+        "the surrogate for gradients ([gradient estimators](gradient-estimators.md)); it does not change the value",
     ),
     SourceLine(
         "particle",
@@ -289,29 +290,29 @@ def mapping_table(key: str, lines=RELIED_ON, header="in BBVI eq. (1)") -> str:
 
 
 # -------------------------------------------------------------- the running example
-SIGMA_PRIOR_LOG_SD = 0.3
-#: initial values of the guide's parameters: q(z) = N(m, s^2), q(sigma) = LogNormal(m_sigma, s_sigma)
-GUIDE_INIT = {"m": C.GUIDE_MEAN, "s": C.GUIDE_SD, "m_sigma": math.log(C.NOISE_SD) + 0.2, "s_sigma": 0.25}
+TAU_PRIOR_LOG_SD = 0.3
+#: initial values of the guide's parameters: q(z) = N(m, s^2), q(tau) = LogNormal(m_tau, s_tau)
+GUIDE_INIT = {"m": C.GUIDE_MEAN, "s": C.GUIDE_SD, "m_tau": math.log(C.NOISE_SD) + 0.2, "s_tau": 0.25}
 #: how many particles the site-by-site check averages
 PARTICLES = 4
 
 
 def model(x):
-    """p(x, z, sigma): the chapter-1 model with the noise scale unknown too."""
+    """p(x, z, tau): the chapter-1 model with the noise scale unknown too: a latent site tau."""
     z = pyro.sample("z", dist.Normal(t64(C.PRIOR_MEAN), t64(C.PRIOR_SD)))
-    sigma = pyro.sample("sigma", dist.LogNormal(t64(math.log(C.NOISE_SD)), t64(SIGMA_PRIOR_LOG_SD)))
+    tau = pyro.sample("tau", dist.LogNormal(t64(math.log(C.NOISE_SD)), t64(TAU_PRIOR_LOG_SD)))
     with pyro.plate("data", len(x)):
-        pyro.sample("x", dist.Normal(z, sigma), obs=x)
+        pyro.sample("x", dist.Normal(z, tau), obs=x)
 
 
 def guide(x):
-    """q(z, sigma) = N(z; m, s^2) LogNormal(sigma; m_sigma, s_sigma): four parameters in the param store."""
+    """q(z, tau) = N(z; m, s^2) LogNormal(tau; m_tau, s_tau): four parameters in the param store."""
     m = pyro.param("m", t64(GUIDE_INIT["m"]))
     s = pyro.param("s", t64(GUIDE_INIT["s"]), constraint=dist.constraints.positive)
-    m_sigma = pyro.param("m_sigma", t64(GUIDE_INIT["m_sigma"]))
-    s_sigma = pyro.param("s_sigma", t64(GUIDE_INIT["s_sigma"]), constraint=dist.constraints.positive)
+    m_tau = pyro.param("m_tau", t64(GUIDE_INIT["m_tau"]))
+    s_tau = pyro.param("s_tau", t64(GUIDE_INIT["s_tau"]), constraint=dist.constraints.positive)
     pyro.sample("z", dist.Normal(m, s))
-    pyro.sample("sigma", dist.LogNormal(m_sigma, s_sigma))
+    pyro.sample("tau", dist.LogNormal(m_tau, s_tau))
 
 
 class fresh_param_store:
