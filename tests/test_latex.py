@@ -113,7 +113,7 @@ def bibtex_blocks(html_dir: Path) -> list[tuple[str, str]]:
 
 def heading(page_html: str) -> tuple[str | None, str]:
     """(section number or None, title) of a page's first heading."""
-    h1 = next(m["h1"] for m in H1.finditer(page_html) if 'class="headerlink"' in m["h1"])  # the article's, not the theme's
+    h1 = next((m["h1"] for m in H1.finditer(page_html) if 'class="headerlink"' in m["h1"]), "")  # not the theme's
     h1 = re.sub(r'<a class="headerlink".*?</a>', "", h1, flags=re.S)
     number = re.search(r'<span class="section-number">(.*?)</span>', h1)
     title = _text(re.sub(r'<span class="section-number">.*?</span>', "", h1)).strip()
