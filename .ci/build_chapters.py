@@ -3,8 +3,8 @@
     python .ci/build_chapters.py elbo gradients [--out /tmp/book-partial]
 
 Makes a temporary source folder with the chosen chapters, every page that is not a
-chapter (index, ledger, notation, ...), and a stub of every other chapter (its title and its labelled equations,
-so that {eq} references to it resolve), then runs the strict build on it with its own
+chapter (index, ledger, notation, ...), and a stub of every other chapter (its title, its labelled equations
+and its section labels, so that {eq} and {ref} references to it resolve), then runs the strict build on it with its own
 execution cache. Exits with sphinx-build's status.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
 TOCTREE = re.compile(r"^```\{toctree\}\n.*?^```\n", re.S | re.M)
+TARGET = re.compile(r"^\(([a-z0-9-]+)\)=$", re.M)
 EQUATION = re.compile(r"^\$\$\n(?:(?!^\$\$).)*?^\$\$ \([a-z0-9-]+\)\n", re.S | re.M)
 
 
@@ -44,7 +45,9 @@ def stub(doc: str) -> str:
     text = (BOOK / f"{doc}.md").read_text()
     title = next(ln for ln in text.splitlines() if ln.startswith("# "))
     eqs = EQUATION.findall(text)
-    return title + "\n\n(stub for a partial build)\n\n" + "\n".join(eqs)
+    # section labels other pages link to ({ref}), each over a placeholder heading
+    targets = [f"({label})=\n## {label}\n" for label in TARGET.findall(text)]
+    return title + "\n\n(stub for a partial build)\n\n" + "\n".join(eqs + targets)
 
 
 def main() -> int:

@@ -1,8 +1,8 @@
 """The book's shape (issue 16): three parts in the sidebar, Part I short, figures that are figures.
 
 Prose words of a page: the visible words of the built article, without code cells, outputs,
-folded blocks (``<details>``, toggles, dropdowns), display math, the citation block and the
-reading-time line. Part I is the first toctree of ``book/index.md``.
+folded blocks (``<details>``, toggles, dropdowns), display math, the citation block, the
+reading-time line and tables of contents. Part I is the first toctree of ``book/index.md``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ OLD_PAGES = (
 ).split()
 NOT_PROSE = (
     ".cell_input, .cell_output, details, .toggle, .dropdown, .toggle-hidden, div.math, .math-wrapper,"
-    " .cite-this-chapter, .reading-time, .headerlink, script, style"
+    " .cite-this-chapter, .reading-time, .headerlink, .toctree-wrapper, script, style"
 )
 
 
