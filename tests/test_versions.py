@@ -35,7 +35,10 @@ def test_the_ledger_page_shows_the_version_matrix(built_book):
     record = json.loads((ROOT / "book" / "_data" / "pyro-versions.json").read_text())
     page = (built_book.html / "ledger.html").read_text()
     assert 'class="pyro-versions' in page
-    for row in record["versions"]:
-        assert row["pyro"] in page, row["pyro"]
+    for row in record["versions"]:  # a column per release that ran; the others named (in runs) below the matrix
+        if row["status"] == "ok":
+            assert f"<p>{row['pyro']}</p>" in page, row["pyro"]
+    if any(row["status"] != "ok" for row in record["versions"]):
+        assert "Releases that could not be checked" in page
     copied = (built_book.html / "pyro-versions.json").read_bytes()
     assert copied == (ROOT / "book" / "_data" / "pyro-versions.json").read_bytes()
