@@ -68,8 +68,8 @@ def jobs() -> int:
 
 
 def _times_file(cache_path: str) -> Path:
-    # beside the code-hash folders, so it survives the pruning of old caches in conf.py
-    return Path(cache_path).parent / "notebook-times.json"
+    # in the build folder, beside .jupyter_cache/ (whose code-hash folders conf.py prunes)
+    return Path(cache_path).parent.parent / "notebook-times.json"
 
 
 def _to_execute(app, env, docnames):
