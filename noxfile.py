@@ -63,7 +63,7 @@ def serve(session):
     ignore = r"(__pycache__|\.egg-info|\.ipynb_checkpoints|\.pytest_cache|~$|\.sw[a-p]$)"
     session.run(
         "sphinx-autobuild",
-        *SPHINX,
+        *SPHINX[1:],  # sphinx-build's arguments
         "_build/html",
         "-d",
         "_build/doctrees",
