@@ -148,9 +148,7 @@ def add_latex_blocks(app, doctree, docname):
         label = block.get("label")
         if not label:
             continue
-        number = block.get("number")
-        prefix = _chapter_number(app.env, docname)
-        shown = f"({prefix}.{number})" if prefix and number else (f"({number})" if number else label)
+        shown = f"({_eqno(app.env, docname, label)})" if block.get("number") else label
         latex = block.astext().strip()
         opening = nodes.raw(
             "",
