@@ -1587,8 +1587,8 @@ register(
         chapter=GUIDES_PAGE,
         label="q-top-down-biased",
         kind="claim",
-        statement=r"	ext{guide order } z_2, z_1:\quad \mathbb Eig[	exttt{TraceMeanField\_ELBO().loss}ig]"
-        r" > \mathbb Eig[	exttt{Trace\_ELBO().loss}ig] = -\mathcal L(q)",
+        statement=r"	ext{guide order } z_2, z_1:\quad \mathbb E\big[	exttt{TraceMeanField\_ELBO().loss}\big]"
+        r" > \mathbb E\big[	exttt{Trace\_ELBO().loss}\big] = -\mathcal L(q)",
         numeric=num_top_down_biased,
         wrong=("same-order-guide",),
         summary="with a guide that samples a site's model parents after it, TraceMeanField_ELBO is biased",

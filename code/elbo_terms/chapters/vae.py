@@ -680,8 +680,8 @@ register(
         kind="claim",
         chapter=OPTIONS,
         label=None,
-        statement=r"\max_i |\Delta w_i|ig(\mathrm{Adam},\ \eta/(ND)ig)"
-        r" < \operatorname{median}_i |\Delta w_i|ig(\mathrm{Adam},\ \etaig)",
+        statement=r"\max_i |\Delta w_i|\big(\mathrm{Adam},\ \eta/(ND)\big)"
+        r" < \operatorname{median}_i |\Delta w_i|\big(\mathrm{Adam},\ \eta\big)",
         numeric=num_adam_lr_divided,
         wrong=("same-lr",),
         summary="the SGD rule applied to Adam (lr divided by ND) nearly freezes every weight",
