@@ -904,8 +904,8 @@ register(
         id="q-iwae-one-is-elbo",
         chapter=BOUNDS_PAGE,
         label="q-iwae-one-is-elbo",
-        statement=r"	exttt{RenyiELBO(alpha=0, num\_particles=1).loss} = 	exttt{Trace\_ELBO().loss}"
-        r"\ \ 	ext{(same draw)}",
+        statement=r"\texttt{RenyiELBO(alpha=0, num\_particles=1).loss} = \texttt{Trace\_ELBO().loss}"
+        r"\ \ \text{(same draw)}",
         numeric=num_iwae_one,
         wrong=("tight",),
         summary="RenyiELBO(alpha=0) with one particle is Trace_ELBO: IWAE_1 is the ELBO",
@@ -996,8 +996,8 @@ register(
         id="q-renyi-per-point",
         chapter=BOUNDS_PAGE,
         label="q-renyi-per-point",
-        statement=r"	ext{every site in the plate}:\quad -	exttt{loss} = \sum_{n}\lograc1K\sum_{k=1}^{K} w_{nk},"
-        r"\quad w_{nk} = rac{p(x_n, z_n^{(k)})}{q(z_n^{(k)})}",
+        statement=r"\text{every site in the plate}:\quad -\texttt{loss} = \sum_{n}\log\frac1K\sum_{k=1}^{K} w_{nk},"
+        r"\quad w_{nk} = \frac{p(x_n, z_n^{(k)})}{q(z_n^{(k)})}",
         numeric=num_renyi_plates,
         wrong=("joint-weights",),
         summary="RenyiELBO weights each data point separately when every site sits in the data plate",
@@ -1587,8 +1587,8 @@ register(
         chapter=GUIDES_PAGE,
         label="q-top-down-biased",
         kind="claim",
-        statement=r"	ext{guide order } z_2, z_1:\quad \mathbb E\big[	exttt{TraceMeanField\_ELBO().loss}\big]"
-        r" > \mathbb E\big[	exttt{Trace\_ELBO().loss}\big] = -\mathcal L(q)",
+        statement=r"\text{guide order } z_2, z_1:\quad \mathbb E\big[\texttt{TraceMeanField\_ELBO().loss}\big]"
+        r" > \mathbb E\big[\texttt{Trace\_ELBO().loss}\big] = -\mathcal L(q)",
         numeric=num_top_down_biased,
         wrong=("same-order-guide",),
         summary="with a guide that samples a site's model parents after it, TraceMeanField_ELBO is biased",
