@@ -62,3 +62,11 @@ def test_each_chapter_module_names_a_book_page():
     book = Path(__file__).resolve().parent.parent / "book"
     for identity in IDENTITIES.values():
         assert (book / f"{identity.chapter}.md").exists(), identity.chapter
+
+
+def test_statements_hold_no_control_characters():
+    """A LaTeX statement written in a non-raw string turns \\frac, \\text, \\big into form feeds, tabs, backspaces."""
+    import re
+
+    bad = {iid: repr(i.statement) for iid, i in IDENTITIES.items() if re.search(r"[\x00-\x08\x0b-\x1f]", i.statement)}
+    assert not bad, bad
