@@ -521,20 +521,25 @@ def pyro_traces(guide, x, model=C.model, seed=0):
         return Trace_ELBO()._get_trace(model, guide, (x,), {})
 
 
-def score_parts_table(x, seed=32) -> str:
-    """The guide site's ``score_parts`` on one draw from each guide, as a small fixed-width table."""
-    lines = [f"{'has_rsample':12s}{'z.requires_grad':16s}{'log_prob':10s}{'score_function':16s}entropy_term"]
+def score_parts_table(x, seed=32, parts=True) -> str:
+    """The guide site on one draw from each guide, as a small fixed-width table.
+
+    Columns: ``has_rsample``, ``z.requires_grad`` and, if ``parts``, the site's ``score_parts``
+    (``log_prob``, ``score_function``, ``entropy_term``).
+    """
+    header = f"{'has_rsample':12s}{'z.requires_grad':16s}"
+    lines = [(header + (f"{'log_prob':10s}{'score_function':16s}entropy_term" if parts else "")).rstrip()]
     pyro.clear_param_store()
     try:
         with float64():
             for reparam in (True, False):
                 _, guide_trace = pyro_traces(make_param_guide(reparam=reparam), x, seed=seed)
                 site = guide_trace.nodes["z"]
-                parts = [float(v.detach()) if torch.is_tensor(v) else v for v in site["score_parts"]]
-                lines.append(
-                    f"{site['fn'].has_rsample!s:12s}{site['value'].requires_grad!s:16s}"
-                    f"{parts[0]:<10.4f}{parts[1]:<16.4g}{parts[2]:.4g}"
-                )
+                row = f"{site['fn'].has_rsample!s:12s}{site['value'].requires_grad!s:16s}"
+                if parts:
+                    p = [float(v.detach()) if torch.is_tensor(v) else v for v in site["score_parts"]]
+                    row += f"{p[0]:<10.4f}{p[1]:<16.4g}{p[2]:.4g}"
+                lines.append(row.rstrip())
     finally:
         pyro.clear_param_store()
     return "\n".join(lines)
