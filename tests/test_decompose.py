@@ -941,6 +941,7 @@ def test_site_table_columns():
     _, terms = loss_and_terms("vae-like", 2, True)
     narrow = terms.sites._repr_html_()
     assert ">batch | event shape</th>" not in narrow and ">KL(q‖p)</th>" in narrow and ">log q</th>" in narrow
+    assert ">scale p / q</th>" not in narrow and ">scale p / q</th>" in terms.sites.show("all")._repr_html_()
     wide = terms.sites.show("all")
     assert wide.names == terms.sites.names and ">batch | event shape</th>" in wide._repr_html_()
     assert ">mean-field KL</th>" in wide._repr_html_() and "(2, 4) | (2,)" in repr(wide)

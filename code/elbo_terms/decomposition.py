@@ -148,7 +148,7 @@ COLUMNS = {
     "estimator": ("estimator", False),
 }
 #: the columns shown by default (narrow enough for a book's text column); ``sites.show("all")`` shows every one
-DEFAULT_COLUMNS = ("name", "role", "distribution", "scale", "log_p", "log_q", "kl_analytic", "estimator")
+DEFAULT_COLUMNS = ("name", "role", "distribution", "log_p", "log_q", "kl_analytic", "estimator")
 
 
 _TD = "white-space: nowrap; padding: 0.1em 0.4em;"
