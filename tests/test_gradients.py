@@ -238,6 +238,8 @@ def test_score_parts_table_shows_both_guides():
     lines = G.score_parts_table(C.data()).splitlines()
     assert len(lines) == 3
     assert lines[1].startswith("True") and lines[2].startswith("False")
+    short = G.rsample_table(C.data()).splitlines()
+    assert short == ["has_rsample z.requires_grad", "True        True", "False       False"]
     loss_r, sur_r = G.loss_and_surrogate_loss(True, C.data())
     loss_s, sur_s = G.loss_and_surrogate_loss(False, C.data())
     assert loss_r == pytest.approx(sur_r, rel=1e-12) and loss_r == pytest.approx(loss_s, rel=1e-12)

@@ -545,6 +545,11 @@ def score_parts_table(x, seed=32, parts=True) -> str:
     return "\n".join(lines)
 
 
+def rsample_table(x, seed=32) -> str:
+    """``has_rsample`` and ``z.requires_grad`` on one draw from each guide (the gradients chapter's short table)."""
+    return score_parts_table(x, seed=seed, parts=False)
+
+
 def loss_and_surrogate_loss(reparam, x, seed=32) -> tuple[float, float]:
     """``_differentiable_loss_particle`` on one draw: the values of ``loss`` and ``surrogate_loss``."""
     pyro.clear_param_store()
