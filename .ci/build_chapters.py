@@ -64,7 +64,9 @@ def main() -> int:
     shutil.copytree(BOOK / "_static", src / "_static")
     # pages that cite every chapter (the answer page, the cheat sheet) are reduced to their
     # title and table of contents unless asked for
-    stubbed = (set(chapters()) | {"index", "cheatsheet"}) - set(a.docs)
+    # as are the other executed pages (the questions pages) unless asked for
+    notebooks = {page.stem for page in BOOK.glob("*.md") if "\nkernelspec:" in page.read_text()}
+    stubbed = (set(chapters()) | notebooks | {"index", "cheatsheet"}) - set(a.docs)
     for page in BOOK.iterdir():
         if page.is_file() and page.stem in stubbed and page.suffix == ".md":
             page_out = src / page.name

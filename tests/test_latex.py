@@ -240,6 +240,11 @@ def _toolchain(folder: Path, entries: list[str], natbib: bool) -> tuple[str, str
         else:
             proc = _run([*step, "talk"], folder)
             assert proc.returncode == 0, f"{step[0]} failed:\n{proc.stdout}\n{proc.stderr}"
+    for _ in range(3):  # as latexmk does: run again while LaTeX asks for it (labels settle as entries are added)
+        if "Please rerun LaTeX" not in log and "Rerun to get" not in log:
+            break
+        ok, log = _pdflatex(folder, "talk")
+        assert ok, f"pdflatex failed ({'natbib' if natbib else 'biblatex'}):\n{_errors(log)}"
     return (folder / "talk.bbl").read_text(), (folder / "talk.blg").read_text(), _log_warnings(log)
 
 

@@ -131,6 +131,8 @@ def execute_ahead(app, env, docnames):
     # one (a clean clone) first, the longest source first
     todo.sort(key=lambda t: (-last.get(t[0], float("inf")), -t[1].stat().st_size, t[0]))
     n = min(jobs(), len(todo))
+    if n > 1:  # one core a notebook: torch's own threads would only fight the other kernels for it
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     logger.info(f"executing {len(todo)} notebook(s), {n} at a time: {', '.join(t[0] for t in todo)}")
     manager = _ipc_kernel_manager()
     stages = {docname: cache.add_nb_to_project(str(path), read_data=fmt) for docname, path, _, fmt, _ in todo}

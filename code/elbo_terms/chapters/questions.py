@@ -779,7 +779,7 @@ register(
         chapter=DISCRETE_PAGE,
         label="q-score-function-unbiased",
         statement=r"\mathbb E\Big[\tfrac{\partial}{\partial\theta}\texttt{Trace\_ELBO}\Big]"
-        r" = \tfrac{\partial}{\partial\theta}\texttt{TraceEnum\_ELBO}\ \ (b \text{ enumerated in the guide})",
+        r" = \tfrac{\partial}{\partial\theta}\texttt{TraceEnum\_ELBO}",
         numeric=num_score_unbiased,
         wrong=("flipped-sign",),
         summary="Trace_ELBO's score-function gradient at a discrete site is unbiased for TraceEnum's exact one",
