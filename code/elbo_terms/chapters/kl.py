@@ -830,7 +830,7 @@ register(
         chapter=CHAPTER,
         label="mean-field-kl-at-sampled-parents",
         statement=r"\begin{aligned}-\texttt{TraceMeanField\_ELBO().loss} &= \log p(x \mid z_2)"
-        r" - \mathrm{KL}\big(q(z_1)\,\Vert\,p(z_1)\big)\\"
+        r"\\ &\quad - \mathrm{KL}\big(q(z_1)\,\Vert\,p(z_1)\big)\\"
         r" &\quad - \mathrm{KL}\big(q(z_2 \mid z_1)\,\Vert\,p(z_2 \mid z_1)\big)\Big|_{z_1 \sim q}\end{aligned}",
         numeric=num_two_layer_kl,
         wrong=("exact-joint-kl",),
