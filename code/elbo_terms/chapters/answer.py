@@ -146,6 +146,6 @@ def numbers() -> dict:
             "l2-term": -l2 / (2 * NOISE_SD**2),
             "l2-constant": constant,
             "grad-pyro-vs-reparam": float((pyro_grad - reparam).abs().max()),
-            "grad-pyro-vs-score": float((pyro_grad - score).abs().max()),
+            "grad-pyro-vs-score": float((pyro_grad - score).norm()),  # Euclidean, like grad-norm
             "grad-norm": float(pyro_grad.norm()),
         }

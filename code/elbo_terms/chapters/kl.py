@@ -618,6 +618,30 @@ def stl_gradient_variance(guide) -> float:
     return sum(_normal_variance(d, vals) for d in stl_gradient())
 
 
+def num_stl_at_posterior(variant=None) -> Numeric:
+    """Sticking the landing: the exact gradient variance is zero at the posterior.
+
+    Variants: ``chapter-1-guide`` (the same variance at the chapter-1 guide, where it is positive) and
+    ``trace-elbo-gradient`` (A's full gradient, score term kept, at the posterior, also positive).
+    """
+    if variant == "trace-elbo-gradient":
+        value = _checked_table()["posterior"]["A"]["grad"]
+        what = "exact Var(d/dm) + Var(d/ds) of A's one-particle gradient (score term kept) at the posterior"
+    else:
+        guide = GUIDES["chapter-1 guide"] if variant == "chapter-1-guide" else posterior_guide()
+        where = "chapter-1 guide" if variant == "chapter-1-guide" else "posterior"
+        value = stl_gradient_variance(guide)
+        if variant is None and not stl_gradient_variance(GUIDES["chapter-1 guide"]) > 1e-6:
+            raise IdentityFailed("the sticking-the-landing variance is not positive at the chapter-1 guide")
+        what = f"exact Var(d/dm) + Var(d/ds) of the sticking-the-landing gradient at the {where}"
+    return exact(value, 0.0, atol=1e-12, lhs_is=what, rhs_is="0")
+
+
+def gradient_variance_ratios() -> dict:
+    """Var(grad B) / Var(grad A) of one particle at each of the three guides (exact)."""
+    return {name: row["B"]["grad"] / row["A"]["grad"] for name, row in _checked_table().items()}
+
+
 @cache
 def _checked_table():
     bad = estimators_match_pyro()
@@ -719,6 +743,21 @@ register(
     )
 )
 
+register(
+    Identity(
+        id="stl-variance-zero-at-posterior",
+        kind="claim",
+        chapter=CHAPTER,
+        label=None,
+        statement=r"\operatorname{Var}\nabla^{\mathrm{STL}}_{m,s}\widetilde{\mathcal L}^A_1 = 0"
+        r"\ \text{at the posterior}\ (> 0\ \text{at chapter 1's guide})",
+        numeric=num_stl_at_posterior,
+        wrong=("chapter-1-guide", "trace-elbo-gradient"),
+        summary="the sticking-the-landing gradient has exactly zero variance at the posterior; at chapter 1's"
+        " guide, and for Trace_ELBO's own gradient at the posterior, it does not",
+    )
+)
+
 
 # ------------------------------------------ TraceMeanField_ELBO with two latent layers
 def two_layer_model(x):
@@ -790,9 +829,9 @@ register(
         id="mean-field-kl-at-sampled-parents",
         chapter=CHAPTER,
         label="mean-field-kl-at-sampled-parents",
-        statement=r"-\texttt{TraceMeanField\_ELBO().loss} = \log p(x \mid z_2)"
-        r" - \mathrm{KL}\big(q(z_1)\,\Vert\,p(z_1)\big)"
-        r" - \mathrm{KL}\big(q(z_2 \mid z_1)\,\Vert\,p(z_2 \mid z_1)\big)\Big|_{z_1 \sim q}",
+        statement=r"\begin{aligned}-\texttt{TraceMeanField\_ELBO().loss} &= \log p(x \mid z_2)"
+        r"\\ &\quad - \mathrm{KL}\big(q(z_1)\,\Vert\,p(z_1)\big)\\"
+        r" &\quad - \mathrm{KL}\big(q(z_2 \mid z_1)\,\Vert\,p(z_2 \mid z_1)\big)\Big|_{z_1 \sim q}\end{aligned}",
         numeric=num_two_layer_kl,
         wrong=("exact-joint-kl",),
         summary="with two latent layers, TraceMeanField_ELBO's 'closed-form' KL is taken at the sampled parent:"
