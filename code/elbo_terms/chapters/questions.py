@@ -996,8 +996,8 @@ register(
         id="q-renyi-per-point",
         chapter=BOUNDS_PAGE,
         label="q-renyi-per-point",
-        statement=r"\text{every site in the plate}:\quad -\texttt{loss} = \sum_{n}\log\frac1K\sum_{k=1}^{K} w_{nk},"
-        r"\quad w_{nk} = \frac{p(x_n, z_n^{(k)})}{q(z_n^{(k)})}",
+        statement=r"\text{every site in the plate}:\quad -\texttt{loss} = \sum_{n}\log\frac1K\sum_{k=1}^{K} \omega_{nk},"
+        r"\quad \omega_{nk} = \frac{p(x_n, z_n^{(k)})}{q(z_n^{(k)})}",
         numeric=num_renyi_plates,
         wrong=("joint-weights",),
         summary="RenyiELBO weights each data point separately when every site sits in the data plate",
@@ -1152,7 +1152,7 @@ register(
         id="q-custom-loss-step",
         chapter=CUSTOM_PAGE,
         label="q-custom-loss-step",
-        statement=r"\texttt{SVI(..., loss=f).step(x)} = f = \texttt{differentiable\_loss} + c\, m^2,"
+        statement=r"\texttt{SVI(..., loss=f).step(x)} = f = \texttt{differentiable\_loss} + \gamma\, m^2,"
         r"\quad \lambda' = \lambda - \eta\,\nabla_\lambda f",
         numeric=num_custom_loss,
         wrong=("penalty-dropped",),
