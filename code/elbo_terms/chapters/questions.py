@@ -996,7 +996,8 @@ register(
         id="q-renyi-per-point",
         chapter=BOUNDS_PAGE,
         label="q-renyi-per-point",
-        statement=r"\text{every site in the plate}:\quad -\texttt{loss} = \sum_{n}\log\frac1K\sum_{k=1}^{K} \omega_{nk},"
+        statement=r"\text{every site in the plate}:\quad -\texttt{loss} = "
+        r"\sum_{n}\log\frac1K\sum_{k=1}^{K} \omega_{nk},"
         r"\quad \omega_{nk} = \frac{p(x_n, z_n^{(k)})}{q(z_n^{(k)})}",
         numeric=num_renyi_plates,
         wrong=("joint-weights",),
