@@ -73,7 +73,14 @@ class Build:
 
 def copy_project(dest: Path) -> None:
     """What `nox -s docs` needs (without caches and build products) into ``dest``."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".ipynb_checkpoints", "_build", "build")
+    patterns = shutil.ignore_patterns("__pycache__", "*.egg-info", ".ipynb_checkpoints", "_build")
+
+    def ignore(folder, names):
+        skip = set(patterns(folder, names))
+        if Path(folder) == ROOT / "code" and "build" in names:  # setuptools' build folder, not elbo_terms/build
+            skip.add("build")
+        return skip
+
     for name in ("conf.py", "noxfile.py", "requirements.txt", "pyproject.toml"):
         shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / "book", dest / "book", ignore=ignore)
