@@ -14,7 +14,7 @@ import os
 import re
 
 #: the oldest and the newest Pyro release the library is tested on (inclusive)
-PYRO_MIN = "1.8.4"
+PYRO_MIN = "1.8.6"
 PYRO_MAX = "1.9.2"
 #: the torch release the library is tested with
 TORCH_TESTED = "2.13.0"
