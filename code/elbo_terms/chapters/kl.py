@@ -746,7 +746,7 @@ register(
 register(
     Identity(
         id="stl-variance-zero-at-posterior",
-        kind="claim",
+        kind="identity",
         chapter=CHAPTER,
         label=None,
         statement=r"\operatorname{Var}\nabla^{\mathrm{STL}}_{m,s}\widetilde{\mathcal L}^A_1 = 0"
