@@ -248,26 +248,58 @@ class SiteTable(tuple):
 
 
 class _PerParticle(Mapping):
-    """``per_particle``: term -> list of the particles' values (float64 tensors, made lists when read)."""
+    """``per_particle``: term -> list of the particles' values (rows of one float64 tensor, made lists when read).
 
-    def __init__(self, tensors: dict):
-        self._tensors = tensors
+    Every term of :data:`TERMS` is a key; a term left out (``names`` lacks it) maps to None.
+    """
+
+    def __init__(self, names: tuple, rows):
+        self._index = {n: i for i, n in enumerate(names)}
+        self._rows = rows
         self._lists = {}
 
     def __getitem__(self, term):
         if term not in self._lists:
-            t = self._tensors[term]
-            self._lists[term] = None if t is None else t.tolist()
+            if term not in TERMS:
+                raise KeyError(term)
+            i = self._index.get(term)
+            self._lists[term] = None if i is None else self._rows[i].tolist()
         return self._lists[term]
 
     def __iter__(self):
-        return iter(self._tensors)
+        return iter(TERMS)
 
     def __len__(self):
-        return len(self._tensors)
+        return len(TERMS)
 
     def __repr__(self):
-        return f"per_particle({', '.join(self._tensors)})"
+        return f"per_particle({', '.join(TERMS)})"
+
+
+class _Stderr(Mapping):
+    """``stderr``: term -> standard error of its mean (None for one particle or a term left out), computed when read."""
+
+    def __init__(self, names: tuple, rows, mu, num_particles: int):
+        self._args = (names, rows, mu, num_particles)
+        self._values = None
+
+    def _get(self) -> dict:
+        if self._values is None:
+            self._values = _stderr_values(*self._args)
+            self._args = None
+        return self._values
+
+    def __getitem__(self, term):
+        return self._get()[term]
+
+    def __iter__(self):
+        return iter(TERMS)
+
+    def __len__(self):
+        return len(TERMS)
+
+    def __repr__(self):
+        return repr(self._get())
 
 
 @dataclass(frozen=True)
@@ -321,13 +353,13 @@ class Decomposition:
     num_particles: int
     vectorize_particles: bool
     per_particle: Mapping = field(repr=False)
-    stderr: dict = field(repr=False)
-    _site_rows: tuple = field(repr=False, compare=False)
+    stderr: Mapping = field(repr=False)
+    _site_rows: object = field(repr=False, compare=False)  # a function that returns the rows of the site table
 
     @functools.cached_property
     def sites(self) -> SiteTable:
         """The per-site table (built when first asked for: the numbers are already floats)."""
-        return SiteTable(_site_term(*row) for row in self._site_rows)
+        return SiteTable(_site_term(*row) for row in self._site_rows())
 
     def to_dict(self) -> dict:
         """Everything as plain data (floats, lists, dicts)."""
@@ -662,6 +694,7 @@ def check_traces(model_trace, guide_trace, particles=None, args=(), kwargs=None)
     ``particles`` is ``(S, dim)`` for a vectorized run; ``args`` and ``kwargs`` those of the programs.
     """
     data = _storages(args, kwargs or {}) if particles is not None else set()
+    validation = is_validation_enabled()
     for where, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -671,7 +704,7 @@ def check_traces(model_trace, guide_trace, particles=None, args=(), kwargs=None)
                 _check_undeclared_dims(name, site)
             elif where == "model" and particles is not None:
                 _check_particle_dim(name, site, *particles, data)
-            if is_validation_enabled():
+            if validation:
                 _check_shape(where, name, site, float("inf"))  # no enumeration: every batch dim is a plate's
 
 
@@ -885,8 +918,9 @@ class _Terms:
     once by :meth:`matrix`.  ``rows`` maps each site to ``[role, model site, guide site]``.
     """
 
-    def __init__(self, num_particles: int, vectorized: bool, mean_field: bool = True):
+    def __init__(self, num_particles: int, vectorized: bool, mean_field: bool = True, check_mismatch: bool = True):
         self.num_particles, self.vectorized, self.mean_field = num_particles, vectorized, mean_field
+        self.check_mismatch = check_mismatch  # collect the latent sites weighted differently (``mismatch``)
         self.rows, self.keys, self.tensors = {}, [], []
         self.kl_missing, self.mismatch = set(), {}
         self.mf_source, self.mf_refused, self.mf_notes = {}, None, {}
@@ -955,7 +989,7 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
         g = guide_sites[name]
         if name not in rows:
             rows[name] = ["latent", site, g]
-            if not (_same_scale(site["scale"], g["scale"]) and _same_mask(_mask_value(site), _mask_value(g))):
+            if terms.check_mismatch and not (_same_scale(site["scale"], g["scale"]) and _same_mask(_mask_value(site), _mask_value(g))):
                 terms.mismatch[name] = (site, g)
         rec("q", name, g)
         _mean_field_site(name, g, site, rec, terms)
@@ -975,6 +1009,15 @@ def _mean_field_site(name, g, model_site, record, acc: _Terms):
     on becomes ``acc.mf_refused`` (the first, in Pyro's order); with validation off, a
     non-reparameterized site gets a note in ``acc.mf_notes``.
     """
+
+    if not acc.mean_field:  # only kl_analytic is wanted: the closed-form KL of a latent site
+        if model_site is not None:
+            kl, kl_scale = _kl(g, model_site)
+            if kl is None:
+                acc.kl_missing.add(name)
+            else:
+                record("kl", name, kl, kl_scale)
+        return
 
     def refuse(message):
         if acc.mf_refused is None:
@@ -1119,13 +1162,19 @@ def term_means(names, rows, num_particles: int, stderr: bool = True):
 
     ``mean = sum / S`` of each term's float64 values; ``stderr = sd / sqrt(S)`` (None for S = 1).
     """
-    mean, se = dict.fromkeys(TERMS), dict.fromkeys(TERMS)
+    mean = dict.fromkeys(TERMS)
     mu = rows.sum(1) / num_particles
     mean.update(zip(names, mu.tolist(), strict=True))
-    if stderr and num_particles > 1:
+    return mean, (_stderr_values(names, rows, mu, num_particles) if stderr else dict.fromkeys(TERMS))
+
+
+def _stderr_values(names, rows, mu, num_particles: int) -> dict:
+    """``sd / sqrt(S)`` of each term's values (``mu`` their means), a dict over :data:`TERMS` (None for S = 1)."""
+    se = dict.fromkeys(TERMS)
+    if num_particles > 1:
         var = (rows - mu[:, None]).square().sum(1) / (num_particles - 1) / num_particles
         se.update(zip(names, var.sqrt().tolist(), strict=True))
-    return mean, se
+    return se
 
 
 def check_finite(keys, m, *values):
@@ -1242,33 +1291,37 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
     """Per-site, per-particle float64 values -> the totals, their standard errors, the site rows."""
     S = terms.num_particles
     keys, m, names, rows = split_terms(terms)
-    mean, stderr = term_means(names, rows, S)
+    mu = rows.sum(1) / S
+    mean = dict.fromkeys(TERMS)
+    mean.update(zip(names, mu.tolist(), strict=True))
     site_means = dict(zip(keys, (m.sum(1) / S).tolist(), strict=True))
     check_finite(keys, m, mean.values(), site_means.values())
-    mf_means = {}
-    if mean["kl_mean_field"] is not None:
-        for name, source in terms.mf_source.items():
-            if source == "kl":
-                mf_means[name] = site_means[("kl", name)]
-            else:
-                log_q = 0.0 if source == "zero" else site_means[(source, name)]
-                mf_means[name] = log_q - (site_means[("p", name)] if terms.rows[name][0] == "latent" else 0.0)
-    per = dict.fromkeys(TERMS)
-    per.update(zip(names, rows, strict=True))
     note = terms.mf_refused or (" ".join(terms.mf_notes.values()) or None)
-    site_rows = tuple(
-        (
-            name,
-            role,
-            msite,
-            gsite,
-            site_means.get(("p", name)),
-            site_means.get(("q", name)),
-            None if name in terms.kl_missing else site_means.get(("kl", name)),
-            mf_means.get(name),
+    mean_field = mean["kl_mean_field"] is not None
+
+    def site_rows():  # the rows of the site table, built when the table is first read
+        mf_means = {}
+        if mean_field:
+            for name, source in terms.mf_source.items():
+                if source == "kl":
+                    mf_means[name] = site_means[("kl", name)]
+                else:
+                    log_q = 0.0 if source == "zero" else site_means[(source, name)]
+                    mf_means[name] = log_q - (site_means[("p", name)] if terms.rows[name][0] == "latent" else 0.0)
+        return tuple(
+            (
+                name,
+                role,
+                msite,
+                gsite,
+                site_means.get(("p", name)),
+                site_means.get(("q", name)),
+                None if name in terms.kl_missing else site_means.get(("kl", name)),
+                mf_means.get(name),
+            )
+            for name, (role, msite, gsite) in terms.rows.items()
         )
-        for name, (role, msite, gsite) in terms.rows.items()
-    )
+
     return Decomposition(
         loss=loss,
         elbo=mean["elbo"],
@@ -1282,8 +1335,8 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
         mean_field_note=note,
         num_particles=S,
         vectorize_particles=vectorize_particles,
-        per_particle=_PerParticle(per),
-        stderr=stderr,
+        per_particle=_PerParticle(names, rows),
+        stderr=_Stderr(names, rows, mu, S),
         _site_rows=site_rows,
     )
 

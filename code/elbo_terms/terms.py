@@ -180,7 +180,10 @@ class _Recorder:
         if step % self.every:
             return method(model, guide, *args, **kwargs)
         vectorized = self.vectorize_particles and self.num_particles > 1
-        self._terms = _Terms(self.num_particles, vectorized, mean_field=self._mean_field)
+        # the scale/mask mismatch of the latent sites is warned about once: looked for on the first record only
+        self._terms = _Terms(
+            self.num_particles, vectorized, mean_field=self._mean_field, check_mismatch=not self._checked
+        )
         self._depth += 1
         try:
             loss = method(model, guide, *args, **kwargs)
