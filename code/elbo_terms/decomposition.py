@@ -826,6 +826,8 @@ def _scale_value(s):
 
 
 def _same_scale(a, b) -> bool:
+    if type(a) is float and type(b) is float:  # the common case, without the slower ABC isinstance
+        return a == b
     if isinstance(a, numbers.Number) and isinstance(b, numbers.Number):
         return a == b
     a, b = torch.as_tensor(a), torch.as_tensor(b)
@@ -989,7 +991,7 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
         g = guide_sites[name]
         if name not in rows:
             rows[name] = ["latent", site, g]
-            if terms.check_mismatch and not (_same_scale(site["scale"], g["scale"]) and _same_mask(_mask_value(site), _mask_value(g))):
+            if terms.check_mismatch and not _same_weight(site, g):
                 terms.mismatch[name] = (site, g)
         rec("q", name, g)
         _mean_field_site(name, g, site, rec, terms)
@@ -999,6 +1001,30 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
             if name not in rows:
                 rows[name] = ["deterministic" if g["infer"].get("_deterministic") else "auxiliary", None, g]
             _mean_field_site(name, g, None, rec, terms)
+
+
+def _same_weight(model_site, guide_site) -> bool:
+    """Whether the model and the guide scale and mask a latent site the same way."""
+    if not _same_scale(model_site["scale"], guide_site["scale"]):
+        return False
+    if (
+        model_site["mask"] is None
+        and guide_site["mask"] is None
+        and not (_wraps_mask(model_site["fn"]) or _wraps_mask(guide_site["fn"]))
+    ):
+        return True  # neither is masked (the common case, without building masks)
+    return _same_mask(_mask_value(model_site), _mask_value(guide_site))
+
+
+def _wraps_mask(fn) -> bool:
+    """Whether a ``.mask()``ed distribution is ``fn`` or one of its base distributions (as :func:`_masks` walks)."""
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            return True
+        if isinstance(fn, (dist.ExpandedDistribution, torch.distributions.Independent)):
+            fn = fn.base_dist
+        else:
+            return False
 
 
 def _mean_field_site(name, g, model_site, record, acc: _Terms):
