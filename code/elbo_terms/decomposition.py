@@ -542,8 +542,8 @@ def _check_site(where: str, name: str, site):
     depend on validation).
     """
     fn, value = site["fn"], site["value"]
-    if not isinstance(value, torch.Tensor):
-        return
+    if not isinstance(value, torch.Tensor) or value.shape == fn.batch_shape + fn.event_shape:
+        return  # not a tensor, or exactly the distribution's shape: nothing broadcasts
     what = "observed value" if site["is_observed"] else "value (drawn by the guide)"
     event = tuple(fn.event_shape)
     if event and tuple(value.shape[max(value.dim() - len(event), 0) :]) != event:
@@ -724,7 +724,13 @@ def _per_particle(t, num_vectorized: int, dim: int | None):
     if t.dim() >= -dim and t.shape[dim] == num_vectorized:
         if t.dim() > -dim:  # some dims left of the particle plate: bring the particle dim first
             t = t.movedim(dim, 0)
-        return t.reshape(num_vectorized, -1).sum(1, dtype=torch.float64)
+        t = t.reshape(num_vectorized, -1)
+        if num_vectorized >= 256 and 0 < t.shape[1] <= 2:
+            # torch sums many rows of one or two elements slowly; the float64 sum of two numbers is one rounding,
+            # the same in any order, so this is bit for bit the row sum below, several times faster
+            t = t.to(torch.float64)
+            return t[:, 0] if t.shape[1] == 1 else t[:, 0] + t[:, 1]
+        return t.sum(1, dtype=torch.float64)
     return (t.sum(dtype=torch.float64) / num_vectorized).expand(num_vectorized)
 
 
@@ -943,10 +949,7 @@ class _Terms:
         S = self.num_particles
         if not self.tensors:
             return [], torch.zeros(0, S, dtype=torch.float64)
-        tensors = self.tensors
-        if len({t.dtype for t in tensors}) > 1:
-            tensors = [t.to(torch.float64) for t in tensors]
-        stacked = torch.stack(tensors).to(torch.float64)
+        stacked = torch.stack(self.tensors).to(torch.float64)  # stack promotes mixed dtypes (exactly, to float64)
         if self.vectorized or S == 1:  # one run: each tensor is (S,) (or 0-dim for one particle)
             stacked = stacked.reshape(len(rows), S)
             if len(index) == len(rows):
