@@ -979,7 +979,7 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
             record(kind, name, site_or_tensor, num_vectorized, dim, scale)
         elif dim is None:  # one particle per run: the site's sum as Pyro computed it (made float64 when stacked)
             terms.keys.append((kind, name, terms.run))
-            terms.tensors.append(site_or_tensor["log_prob_sum"])
+            terms.tensors.append(site_or_tensor["log_prob_sum"].detach())  # no autograd work on it later
         else:
             record(kind, name, site_or_tensor["log_prob"], num_vectorized, dim)
 
@@ -1192,9 +1192,15 @@ def term_means(names, rows, num_particles: int, stderr: bool = True):
     ``mean = sum / S`` of each term's float64 values; ``stderr = sd / sqrt(S)`` (None for S = 1).
     """
     mean = dict.fromkeys(TERMS)
-    mu = rows.sum(1) / num_particles
+    mu = _mean(rows, num_particles)
     mean.update(zip(names, mu.tolist(), strict=True))
     return mean, (_stderr_values(names, rows, mu, num_particles) if stderr else dict.fromkeys(TERMS))
+
+
+def _mean(rows, num_particles: int):
+    """Each row's ``sum / S`` (float64); for one particle the sum itself, which dividing by 1 leaves exactly as is."""
+    sums = rows.sum(1)
+    return sums if num_particles == 1 else sums / num_particles
 
 
 def _stderr_values(names, rows, mu, num_particles: int) -> dict:
@@ -1320,10 +1326,10 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
     """Per-site, per-particle float64 values -> the totals, their standard errors, the site rows."""
     S = terms.num_particles
     keys, m, names, rows = split_terms(terms)
-    mu = rows.sum(1) / S
+    mu = _mean(rows, S)
     mean = dict.fromkeys(TERMS)
     mean.update(zip(names, mu.tolist(), strict=True))
-    site_means = dict(zip(keys, (m.sum(1) / S).tolist(), strict=True))
+    site_means = dict(zip(keys, _mean(m, S).tolist(), strict=True))
     check_finite(keys, m, mean.values(), site_means.values())
     note = terms.mf_refused or (" ".join(terms.mf_notes.values()) or None)
     mean_field = mean["kl_mean_field"] is not None

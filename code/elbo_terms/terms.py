@@ -200,8 +200,9 @@ class _Recorder:
             self._scaled = _scaled(terms.rows)
             if terms.mismatch:
                 warnings.warn(_scale_warning(terms.mismatch), ScaleMismatchWarning, stacklevel=4)
-        keys, m, names, rows = split_terms(terms)
-        mean, _ = term_means(names, rows, terms.num_particles, stderr=False)
+        with torch.no_grad():  # the recorded tensors are read, never differentiated
+            keys, m, names, rows = split_terms(terms)
+            mean, _ = term_means(names, rows, terms.num_particles, stderr=False)
         if not all(v is None or math.isfinite(v) for v in mean.values()):
             check_finite(keys, m, mean.values())  # raises, naming the sites
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
