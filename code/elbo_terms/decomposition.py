@@ -1334,29 +1334,7 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
     note = terms.mf_refused or (" ".join(terms.mf_notes.values()) or None)
     mean_field = mean["kl_mean_field"] is not None
 
-    def site_rows():  # the rows of the site table, built when the table is first read
-        mf_means = {}
-        if mean_field:
-            for name, source in terms.mf_source.items():
-                if source == "kl":
-                    mf_means[name] = site_means[("kl", name)]
-                else:
-                    log_q = 0.0 if source == "zero" else site_means[(source, name)]
-                    mf_means[name] = log_q - (site_means[("p", name)] if terms.rows[name][0] == "latent" else 0.0)
-        return tuple(
-            (
-                name,
-                role,
-                msite,
-                gsite,
-                site_means.get(("p", name)),
-                site_means.get(("q", name)),
-                None if name in terms.kl_missing else site_means.get(("kl", name)),
-                mf_means.get(name),
-            )
-            for name, (role, msite, gsite) in terms.rows.items()
-        )
-
+    terms.keys, terms.tensors = [], []  # stacked in m: the site table needs only the rows and the notes
     return Decomposition(
         loss=loss,
         elbo=mean["elbo"],
@@ -1372,8 +1350,40 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
         vectorize_particles=vectorize_particles,
         per_particle=_PerParticle(names, rows),
         stderr=_Stderr(names, rows, mu, S),
-        _site_rows=site_rows,
+        _site_rows=_SiteRows(terms, site_means, mean_field),
     )
+
+
+class _SiteRows:
+    """The rows of the site table (:func:`_site_term`'s arguments), built when the table is first read."""
+
+    def __init__(self, terms: _Terms, site_means: dict, mean_field: bool):
+        self.terms, self.site_means, self.mean_field = terms, site_means, mean_field
+
+    def __call__(self) -> tuple:
+        mf_means = {}
+        if self.mean_field:
+            for name, source in self.terms.mf_source.items():
+                if source == "kl":
+                    mf_means[name] = self.site_means[("kl", name)]
+                else:
+                    log_q = 0.0 if source == "zero" else self.site_means[(source, name)]
+                    mf_means[name] = log_q - (
+                        self.site_means[("p", name)] if self.terms.rows[name][0] == "latent" else 0.0
+                    )
+        return tuple(
+            (
+                name,
+                role,
+                msite,
+                gsite,
+                self.site_means.get(("p", name)),
+                self.site_means.get(("q", name)),
+                None if name in self.terms.kl_missing else self.site_means.get(("kl", name)),
+                mf_means.get(name),
+            )
+            for name, (role, msite, gsite) in self.terms.rows.items()
+        )
 
 
 def _site_term(name, role, msite, gsite, log_p, log_q, kl, kl_mf) -> SiteTerm:
