@@ -949,14 +949,23 @@ class _Terms:
         S = self.num_particles
         if not self.tensors:
             return [], torch.zeros(0, S, dtype=torch.float64)
-        stacked = torch.stack(self.tensors).to(torch.float64)  # stack promotes mixed dtypes (exactly, to float64)
+        tensors = self.tensors
+        if not self.vectorized and tensors[0].device.type == "cpu":
+            # 0-dim sums of mixed dtypes (log p sums in the model's dtype, float64 KL sums): on the CPU reading each
+            # (exactly, as a Python float) and making one float64 tensor is several times faster than torch.stack
+            stacked = torch.tensor([t.item() for t in tensors], dtype=torch.float64)
+        else:
+            stacked = torch.stack(tensors).to(torch.float64)  # stack promotes mixed dtypes (exactly, to float64)
         if self.vectorized or S == 1:  # one run: each tensor is (S,) (or 0-dim for one particle)
             stacked = stacked.reshape(len(rows), S)
             if len(index) == len(rows):
                 return list(index), stacked
             m = stacked.new_zeros(len(index), S)
             return list(index), m.index_add_(0, torch.tensor(rows), stacked)
-        m = stacked.new_zeros(len(index), S)
+        K = len(index)
+        if len(rows) == K * S and rows == list(range(K)) * S:  # every run has the same sites in the same order
+            return list(index), stacked.reshape(S, K).T.contiguous()  # the layout the general path below builds
+        m = stacked.new_zeros(K, S)
         m[torch.tensor(rows), torch.tensor([run for _, _, run in self.keys])] = stacked
         return list(index), m
 
