@@ -248,26 +248,58 @@ class SiteTable(tuple):
 
 
 class _PerParticle(Mapping):
-    """``per_particle``: term -> list of the particles' values (float64 tensors, made lists when read)."""
+    """``per_particle``: term -> list of the particles' values (rows of one float64 tensor, made lists when read).
 
-    def __init__(self, tensors: dict):
-        self._tensors = tensors
+    Every term of :data:`TERMS` is a key; a term left out (``names`` lacks it) maps to None.
+    """
+
+    def __init__(self, names: tuple, rows):
+        self._index = {n: i for i, n in enumerate(names)}
+        self._rows = rows
         self._lists = {}
 
     def __getitem__(self, term):
         if term not in self._lists:
-            t = self._tensors[term]
-            self._lists[term] = None if t is None else t.tolist()
+            if term not in TERMS:
+                raise KeyError(term)
+            i = self._index.get(term)
+            self._lists[term] = None if i is None else self._rows[i].tolist()
         return self._lists[term]
 
     def __iter__(self):
-        return iter(self._tensors)
+        return iter(TERMS)
 
     def __len__(self):
-        return len(self._tensors)
+        return len(TERMS)
 
     def __repr__(self):
-        return f"per_particle({', '.join(self._tensors)})"
+        return f"per_particle({', '.join(TERMS)})"
+
+
+class _Stderr(Mapping):
+    """``stderr``: term -> standard error of its mean (None for one particle or a term left out), computed when read."""
+
+    def __init__(self, names: tuple, rows, mu, num_particles: int):
+        self._args = (names, rows, mu, num_particles)
+        self._values = None
+
+    def _get(self) -> dict:
+        if self._values is None:
+            self._values = _stderr_values(*self._args)
+            self._args = None
+        return self._values
+
+    def __getitem__(self, term):
+        return self._get()[term]
+
+    def __iter__(self):
+        return iter(TERMS)
+
+    def __len__(self):
+        return len(TERMS)
+
+    def __repr__(self):
+        return repr(self._get())
 
 
 @dataclass(frozen=True)
@@ -321,13 +353,13 @@ class Decomposition:
     num_particles: int
     vectorize_particles: bool
     per_particle: Mapping = field(repr=False)
-    stderr: dict = field(repr=False)
-    _site_rows: tuple = field(repr=False, compare=False)
+    stderr: Mapping = field(repr=False)
+    _site_rows: object = field(repr=False, compare=False)  # a function that returns the rows of the site table
 
     @functools.cached_property
     def sites(self) -> SiteTable:
         """The per-site table (built when first asked for: the numbers are already floats)."""
-        return SiteTable(_site_term(*row) for row in self._site_rows)
+        return SiteTable(_site_term(*row) for row in self._site_rows())
 
     def to_dict(self) -> dict:
         """Everything as plain data (floats, lists, dicts)."""
@@ -510,8 +542,8 @@ def _check_site(where: str, name: str, site):
     depend on validation).
     """
     fn, value = site["fn"], site["value"]
-    if not isinstance(value, torch.Tensor):
-        return
+    if not isinstance(value, torch.Tensor) or value.shape == fn.batch_shape + fn.event_shape:
+        return  # not a tensor, or exactly the distribution's shape: nothing broadcasts
     what = "observed value" if site["is_observed"] else "value (drawn by the guide)"
     event = tuple(fn.event_shape)
     if event and tuple(value.shape[max(value.dim() - len(event), 0) :]) != event:
@@ -662,6 +694,7 @@ def check_traces(model_trace, guide_trace, particles=None, args=(), kwargs=None)
     ``particles`` is ``(S, dim)`` for a vectorized run; ``args`` and ``kwargs`` those of the programs.
     """
     data = _storages(args, kwargs or {}) if particles is not None else set()
+    validation = is_validation_enabled()
     for where, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample":
@@ -671,7 +704,7 @@ def check_traces(model_trace, guide_trace, particles=None, args=(), kwargs=None)
                 _check_undeclared_dims(name, site)
             elif where == "model" and particles is not None:
                 _check_particle_dim(name, site, *particles, data)
-            if is_validation_enabled():
+            if validation:
                 _check_shape(where, name, site, float("inf"))  # no enumeration: every batch dim is a plate's
 
 
@@ -691,7 +724,13 @@ def _per_particle(t, num_vectorized: int, dim: int | None):
     if t.dim() >= -dim and t.shape[dim] == num_vectorized:
         if t.dim() > -dim:  # some dims left of the particle plate: bring the particle dim first
             t = t.movedim(dim, 0)
-        return t.reshape(num_vectorized, -1).sum(1, dtype=torch.float64)
+        t = t.reshape(num_vectorized, -1)
+        if num_vectorized >= 256 and 0 < t.shape[1] <= 2:
+            # torch sums many rows of one or two elements slowly; the float64 sum of two numbers is one rounding,
+            # the same in any order, so this is bit for bit the row sum below, several times faster
+            t = t.to(torch.float64)
+            return t[:, 0] if t.shape[1] == 1 else t[:, 0] + t[:, 1]
+        return t.sum(1, dtype=torch.float64)
     return (t.sum(dtype=torch.float64) / num_vectorized).expand(num_vectorized)
 
 
@@ -793,6 +832,8 @@ def _scale_value(s):
 
 
 def _same_scale(a, b) -> bool:
+    if type(a) is float and type(b) is float:  # the common case, without the slower ABC isinstance
+        return a == b
     if isinstance(a, numbers.Number) and isinstance(b, numbers.Number):
         return a == b
     a, b = torch.as_tensor(a), torch.as_tensor(b)
@@ -885,8 +926,9 @@ class _Terms:
     once by :meth:`matrix`.  ``rows`` maps each site to ``[role, model site, guide site]``.
     """
 
-    def __init__(self, num_particles: int, vectorized: bool, mean_field: bool = True):
+    def __init__(self, num_particles: int, vectorized: bool, mean_field: bool = True, check_mismatch: bool = True):
         self.num_particles, self.vectorized, self.mean_field = num_particles, vectorized, mean_field
+        self.check_mismatch = check_mismatch  # collect the latent sites weighted differently (``mismatch``)
         self.rows, self.keys, self.tensors = {}, [], []
         self.kl_missing, self.mismatch = set(), {}
         self.mf_source, self.mf_refused, self.mf_notes = {}, None, {}
@@ -908,16 +950,22 @@ class _Terms:
         if not self.tensors:
             return [], torch.zeros(0, S, dtype=torch.float64)
         tensors = self.tensors
-        if len({t.dtype for t in tensors}) > 1:
-            tensors = [t.to(torch.float64) for t in tensors]
-        stacked = torch.stack(tensors).to(torch.float64)
+        if not self.vectorized and tensors[0].device.type == "cpu":
+            # 0-dim sums of mixed dtypes (log p sums in the model's dtype, float64 KL sums): on the CPU reading each
+            # (exactly, as a Python float) and making one float64 tensor is several times faster than torch.stack
+            stacked = torch.tensor([t.item() for t in tensors], dtype=torch.float64)
+        else:
+            stacked = torch.stack(tensors).to(torch.float64)  # stack promotes mixed dtypes (exactly, to float64)
         if self.vectorized or S == 1:  # one run: each tensor is (S,) (or 0-dim for one particle)
             stacked = stacked.reshape(len(rows), S)
             if len(index) == len(rows):
                 return list(index), stacked
             m = stacked.new_zeros(len(index), S)
             return list(index), m.index_add_(0, torch.tensor(rows), stacked)
-        m = stacked.new_zeros(len(index), S)
+        K = len(index)
+        if len(rows) == K * S and rows == list(range(K)) * S:  # every run has the same sites in the same order
+            return list(index), stacked.reshape(S, K).T.contiguous()  # the layout the general path below builds
+        m = stacked.new_zeros(K, S)
         m[torch.tensor(rows), torch.tensor([run for _, _, run in self.keys])] = stacked
         return list(index), m
 
@@ -940,7 +988,7 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
             record(kind, name, site_or_tensor, num_vectorized, dim, scale)
         elif dim is None:  # one particle per run: the site's sum as Pyro computed it (made float64 when stacked)
             terms.keys.append((kind, name, terms.run))
-            terms.tensors.append(site_or_tensor["log_prob_sum"])
+            terms.tensors.append(site_or_tensor["log_prob_sum"].detach())  # no autograd work on it later
         else:
             record(kind, name, site_or_tensor["log_prob"], num_vectorized, dim)
 
@@ -955,7 +1003,7 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
         g = guide_sites[name]
         if name not in rows:
             rows[name] = ["latent", site, g]
-            if not (_same_scale(site["scale"], g["scale"]) and _same_mask(_mask_value(site), _mask_value(g))):
+            if terms.check_mismatch and not _same_weight(site, g):
                 terms.mismatch[name] = (site, g)
         rec("q", name, g)
         _mean_field_site(name, g, site, rec, terms)
@@ -967,6 +1015,30 @@ def read_pair(model_trace, guide_trace, terms: _Terms, num_vectorized: int = 1, 
             _mean_field_site(name, g, None, rec, terms)
 
 
+def _same_weight(model_site, guide_site) -> bool:
+    """Whether the model and the guide scale and mask a latent site the same way."""
+    if not _same_scale(model_site["scale"], guide_site["scale"]):
+        return False
+    if (
+        model_site["mask"] is None
+        and guide_site["mask"] is None
+        and not (_wraps_mask(model_site["fn"]) or _wraps_mask(guide_site["fn"]))
+    ):
+        return True  # neither is masked (the common case, without building masks)
+    return _same_mask(_mask_value(model_site), _mask_value(guide_site))
+
+
+def _wraps_mask(fn) -> bool:
+    """Whether a ``.mask()``ed distribution is ``fn`` or one of its base distributions (as :func:`_masks` walks)."""
+    while True:
+        if isinstance(fn, dist.MaskedDistribution):
+            return True
+        if isinstance(fn, (dist.ExpandedDistribution, torch.distributions.Independent)):
+            fn = fn.base_dist
+        else:
+            return False
+
+
 def _mean_field_site(name, g, model_site, record, acc: _Terms):
     """``TraceMeanField_ELBO._differentiable_loss_particle`` for one guide site, as records and notes.
 
@@ -975,6 +1047,15 @@ def _mean_field_site(name, g, model_site, record, acc: _Terms):
     on becomes ``acc.mf_refused`` (the first, in Pyro's order); with validation off, a
     non-reparameterized site gets a note in ``acc.mf_notes``.
     """
+
+    if not acc.mean_field:  # only kl_analytic is wanted: the closed-form KL of a latent site
+        if model_site is not None:
+            kl, kl_scale = _kl(g, model_site)
+            if kl is None:
+                acc.kl_missing.add(name)
+            else:
+                record("kl", name, kl, kl_scale)
+        return
 
     def refuse(message):
         if acc.mf_refused is None:
@@ -1119,13 +1200,25 @@ def term_means(names, rows, num_particles: int, stderr: bool = True):
 
     ``mean = sum / S`` of each term's float64 values; ``stderr = sd / sqrt(S)`` (None for S = 1).
     """
-    mean, se = dict.fromkeys(TERMS), dict.fromkeys(TERMS)
-    mu = rows.sum(1) / num_particles
+    mean = dict.fromkeys(TERMS)
+    mu = _mean(rows, num_particles)
     mean.update(zip(names, mu.tolist(), strict=True))
-    if stderr and num_particles > 1:
+    return mean, (_stderr_values(names, rows, mu, num_particles) if stderr else dict.fromkeys(TERMS))
+
+
+def _mean(rows, num_particles: int):
+    """Each row's ``sum / S`` (float64); for one particle the sum itself, which dividing by 1 leaves exactly as is."""
+    sums = rows.sum(1)
+    return sums if num_particles == 1 else sums / num_particles
+
+
+def _stderr_values(names, rows, mu, num_particles: int) -> dict:
+    """``sd / sqrt(S)`` of each term's values (``mu`` their means), a dict over :data:`TERMS` (None for S = 1)."""
+    se = dict.fromkeys(TERMS)
+    if num_particles > 1:
         var = (rows - mu[:, None]).square().sum(1) / (num_particles - 1) / num_particles
         se.update(zip(names, var.sqrt().tolist(), strict=True))
-    return mean, se
+    return se
 
 
 def check_finite(keys, m, *values):
@@ -1242,33 +1335,15 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
     """Per-site, per-particle float64 values -> the totals, their standard errors, the site rows."""
     S = terms.num_particles
     keys, m, names, rows = split_terms(terms)
-    mean, stderr = term_means(names, rows, S)
-    site_means = dict(zip(keys, (m.sum(1) / S).tolist(), strict=True))
+    mu = _mean(rows, S)
+    mean = dict.fromkeys(TERMS)
+    mean.update(zip(names, mu.tolist(), strict=True))
+    site_means = dict(zip(keys, _mean(m, S).tolist(), strict=True))
     check_finite(keys, m, mean.values(), site_means.values())
-    mf_means = {}
-    if mean["kl_mean_field"] is not None:
-        for name, source in terms.mf_source.items():
-            if source == "kl":
-                mf_means[name] = site_means[("kl", name)]
-            else:
-                log_q = 0.0 if source == "zero" else site_means[(source, name)]
-                mf_means[name] = log_q - (site_means[("p", name)] if terms.rows[name][0] == "latent" else 0.0)
-    per = dict.fromkeys(TERMS)
-    per.update(zip(names, rows, strict=True))
     note = terms.mf_refused or (" ".join(terms.mf_notes.values()) or None)
-    site_rows = tuple(
-        (
-            name,
-            role,
-            msite,
-            gsite,
-            site_means.get(("p", name)),
-            site_means.get(("q", name)),
-            None if name in terms.kl_missing else site_means.get(("kl", name)),
-            mf_means.get(name),
-        )
-        for name, (role, msite, gsite) in terms.rows.items()
-    )
+    mean_field = mean["kl_mean_field"] is not None
+
+    terms.keys, terms.tensors = [], []  # stacked in m: the site table needs only the rows and the notes
     return Decomposition(
         loss=loss,
         elbo=mean["elbo"],
@@ -1282,10 +1357,42 @@ def _assemble(loss, terms: _Terms, vectorize_particles) -> Decomposition:
         mean_field_note=note,
         num_particles=S,
         vectorize_particles=vectorize_particles,
-        per_particle=_PerParticle(per),
-        stderr=stderr,
-        _site_rows=site_rows,
+        per_particle=_PerParticle(names, rows),
+        stderr=_Stderr(names, rows, mu, S),
+        _site_rows=_SiteRows(terms, site_means, mean_field),
     )
+
+
+class _SiteRows:
+    """The rows of the site table (:func:`_site_term`'s arguments), built when the table is first read."""
+
+    def __init__(self, terms: _Terms, site_means: dict, mean_field: bool):
+        self.terms, self.site_means, self.mean_field = terms, site_means, mean_field
+
+    def __call__(self) -> tuple:
+        mf_means = {}
+        if self.mean_field:
+            for name, source in self.terms.mf_source.items():
+                if source == "kl":
+                    mf_means[name] = self.site_means[("kl", name)]
+                else:
+                    log_q = 0.0 if source == "zero" else self.site_means[(source, name)]
+                    mf_means[name] = log_q - (
+                        self.site_means[("p", name)] if self.terms.rows[name][0] == "latent" else 0.0
+                    )
+        return tuple(
+            (
+                name,
+                role,
+                msite,
+                gsite,
+                self.site_means.get(("p", name)),
+                self.site_means.get(("q", name)),
+                None if name in self.terms.kl_missing else self.site_means.get(("kl", name)),
+                mf_means.get(name),
+            )
+            for name, (role, msite, gsite) in self.terms.rows.items()
+        )
 
 
 def _site_term(name, role, msite, gsite, log_p, log_q, kl, kl_mf) -> SiteTerm:

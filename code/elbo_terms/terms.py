@@ -180,7 +180,10 @@ class _Recorder:
         if step % self.every:
             return method(model, guide, *args, **kwargs)
         vectorized = self.vectorize_particles and self.num_particles > 1
-        self._terms = _Terms(self.num_particles, vectorized, mean_field=self._mean_field)
+        # the scale/mask mismatch of the latent sites is warned about once: looked for on the first record only
+        self._terms = _Terms(
+            self.num_particles, vectorized, mean_field=self._mean_field, check_mismatch=not self._checked
+        )
         self._depth += 1
         try:
             loss = method(model, guide, *args, **kwargs)
@@ -197,8 +200,9 @@ class _Recorder:
             self._scaled = _scaled(terms.rows)
             if terms.mismatch:
                 warnings.warn(_scale_warning(terms.mismatch), ScaleMismatchWarning, stacklevel=4)
-        keys, m, names, rows = split_terms(terms)
-        mean, _ = term_means(names, rows, terms.num_particles, stderr=False)
+        with torch.no_grad():  # the recorded tensors are read, never differentiated
+            keys, m, names, rows = split_terms(terms)
+            mean, _ = term_means(names, rows, terms.num_particles, stderr=False)
         if not all(v is None or math.isfinite(v) for v in mean.values()):
             check_finite(keys, m, mean.values())  # raises, naming the sites
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
