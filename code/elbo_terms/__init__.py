@@ -17,8 +17,34 @@ imported by ``import elbo_terms``.
 """
 
 from ._versions import PYRO_MAX, PYRO_MIN, UntestedPyroError
-from .decomposition import DecomposeError, Decomposition, ScaleMismatchWarning, decompose
-from .terms import TermsRecord, TermsTrace_ELBO, TermsTraceMeanField_ELBO
+
+# decompose and the recorders import torch and Pyro when first used (``from elbo_terms import
+# decompose`` does it at once), so that the book's build machinery under elbo_terms.build can
+# be imported without them
+_LAZY = {
+    "decompose": "decomposition",
+    "Decomposition": "decomposition",
+    "DecomposeError": "decomposition",
+    "ScaleMismatchWarning": "decomposition",
+    "TermsRecord": "terms",
+    "TermsTrace_ELBO": "terms",
+    "TermsTraceMeanField_ELBO": "terms",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "decompose",

@@ -13,7 +13,6 @@ import json
 import math
 from dataclasses import dataclass
 
-from .._util import float64, seeded  # noqa: F401  (re-exported for the chapters)
 from .identity import IDENTITIES, Identity, IdentityFailed, Numeric, proves_zero
 
 __all__ = [
@@ -24,8 +23,6 @@ __all__ = [
     "show_source",
     "figure",
     "figure_downloads",
-    "seeded",
-    "float64",
     "LEDGER_PREFIX",
 ]
 
@@ -225,3 +222,12 @@ def figure_downloads(fig=None, name: str | None = None):
         data = base64.b64encode(buf.getvalue()).decode()
         links.append(f'<a download="{name}.{fmt}" href="data:{mime};base64,{data}">{fmt.upper()}</a>')
     display(HTML('<p class="figure-downloads">Download this figure: ' + " &middot; ".join(links) + "</p>"))
+
+
+def __getattr__(name):
+    """``float64`` and ``seeded`` (from elbo_terms._util, which imports torch), re-exported for the chapters."""
+    if name in ("float64", "seeded"):
+        from .. import _util
+
+        return getattr(_util, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -40,8 +40,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import sympy
-
 __all__ = [
     "KINDS",
     "NUMERIC_FIELDS",
@@ -266,6 +264,8 @@ def proves_zero(expr) -> bool:
     """True when SymPy simplifies ``expr`` (a difference ``lhs - rhs``) to exactly 0."""
     if isinstance(expr, bool):
         return expr
+    import sympy
+
     e = sympy.simplify(sympy.expand_log(sympy.sympify(expr), force=True))
     if e == 0:
         return True
@@ -319,3 +319,26 @@ def register(identity: Identity) -> Identity:
         raise ValueError(f"identity id {identity.id!r} registered twice")
     IDENTITIES[identity.id] = identity
     return identity
+
+
+def registered(cache_dir: str | None = None) -> dict[str, dict]:
+    """``id -> {"chapter", "kind", "label"}`` of every record the chapter modules register.
+
+    Importing the chapter modules (torch, Pyro, SymPy) takes seconds, so a build passes the
+    execution cache's folder, which is keyed by a hash of ``code/`` and of the versions that
+    compute the numbers: the list is read from ``registered.json`` there when it exists (nothing
+    under ``code/`` has changed since it was written), and written there otherwise.
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(cache_dir, "registered.json") if cache_dir else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text(encoding="utf8"))
+    from .. import chapters  # noqa: F401  (registers every identity)
+
+    out = {i.id: {"chapter": i.chapter, "kind": i.kind, "label": i.label} for i in IDENTITIES.values()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf8")
+    return out

@@ -75,11 +75,9 @@ def latex_of(node: nodes.Node) -> str:
 
 
 def _versions() -> str:
-    import pyro
-    import sympy
-    import torch
+    from importlib.metadata import version  # the installed versions, without importing torch
 
-    return f"Pyro {pyro.__version__}, torch {torch.__version__} and SymPy {sympy.__version__}"
+    return f"Pyro {version('pyro-ppl')}, torch {version('torch')} and SymPy {version('sympy')}"
 
 
 def _chapter_number(env, docname):
@@ -274,11 +272,10 @@ def page_equations(env, docname: str) -> list[str]:
     return labels
 
 
-def _identities():
-    from .. import chapters  # noqa: F401  (registers every identity)
-    from .identity import IDENTITIES
+def _identities(env) -> dict[str, dict]:
+    from .identity import registered
 
-    return IDENTITIES.values()
+    return registered(getattr(env.config, "nb_execution_cache_path", None))
 
 
 def beamer_frames(env, docname: str) -> str:
@@ -287,9 +284,9 @@ def beamer_frames(env, docname: str) -> str:
     equations = env.get_domain("math").equations
     doctrees: dict[str, nodes.document] = {}
     checked = {  # (page, label) -> where the ledger shows its check
-        (i.chapter, i.label): "; checked: " + latex_escape(f"ledger.html#identity-{i.id}")
-        for i in _identities()
-        if i.label
+        (i["chapter"], i["label"]): "; checked: " + latex_escape(f"ledger.html#identity-{iid}")
+        for iid, i in _identities(env).items()
+        if i["label"]
     }
     frames = []
     for label in page_equations(env, docname):

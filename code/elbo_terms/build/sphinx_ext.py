@@ -157,8 +157,7 @@ def collect_records(app, env) -> list[dict]:
 
 
 def check_records(app, env):
-    from .. import chapters  # noqa: F401  (registers every identity)
-    from .identity import IDENTITIES
+    from .identity import registered
 
     records = collect_records(app, env)
     equations = env.get_domain("math").data.get("objects", {})
@@ -186,10 +185,11 @@ def check_records(app, env):
             logger.warning(f"{where}: FAILED", type="elbo_terms", subtype="ledger")
     # chapters executed as notebooks must verify every identity registered for them
     notebooks = {d for d in env.found_docs if "kernelspec" in env.metadata.get(d, {})}
-    for rid, ident in IDENTITIES.items():
-        if ident.chapter in notebooks and rid not in seen:
+    for rid, ident in registered(getattr(app.config, "nb_execution_cache_path", None)).items():
+        kind, chapter = ident["kind"], ident["chapter"]
+        if chapter in notebooks and rid not in seen:
             logger.warning(
-                f"{ident.kind} '{rid}' is registered for chapter '{ident.chapter}' but that chapter never verifies it",
+                f"{kind} '{rid}' is registered for chapter '{chapter}' but that chapter never verifies it",
                 type="elbo_terms",
                 subtype="ledger",
             )
@@ -676,11 +676,9 @@ def ledger_json(records, versions: dict) -> dict:
 def write_json(app, exception):
     if exception is not None or app.builder.format != "html":
         return
-    import pyro
-    import sympy
-    import torch
+    from importlib.metadata import version  # the installed versions, without importing torch
 
-    versions = {"pyro": pyro.__version__, "torch": torch.__version__, "sympy": sympy.__version__}
+    versions = {"pyro": version("pyro-ppl"), "torch": version("torch"), "sympy": version("sympy")}
     out = ledger_json(_records(app), versions)
     Path(app.outdir, "ledger.json").write_text(json.dumps(out, indent=2, sort_keys=False) + "\n", encoding="utf8")
     record = _versions_path(app)
