@@ -42,3 +42,19 @@ def built_book() -> Build:
     if build.returncode != 0:
         pytest.fail(f"the book did not build (exit {build.returncode}):\n{build.log[-6000:]}")
     return build
+
+
+@pytest.fixture
+def pyro_float64():
+    """float64, Pyro's validation on, an empty param store; everything restored afterwards."""
+    import pyro
+    import torch
+
+    old_dtype, old_validation = torch.get_default_dtype(), pyro.infer.util.is_validation_enabled()
+    torch.set_default_dtype(torch.float64)
+    pyro.enable_validation(True)
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+    pyro.enable_validation(old_validation)
+    torch.set_default_dtype(old_dtype)

@@ -29,17 +29,7 @@ from torch.distributions import constraints
 N, B = 12, 4  # data size, subsample size
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    """float64, validation on, an empty param store; restore everything afterwards."""
-    old_dtype, old_validation = torch.get_default_dtype(), pyro.infer.util.is_validation_enabled()
-    torch.set_default_dtype(torch.float64)
-    pyro.enable_validation(True)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    pyro.enable_validation(old_validation)
-    torch.set_default_dtype(old_dtype)
+pytestmark = pytest.mark.usefixtures("pyro_float64")
 
 
 def data(n=N, d=None, seed=0):

@@ -42,16 +42,7 @@ OPTIONS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    old_dtype, old_validation = torch.get_default_dtype(), pyro.infer.util.is_validation_enabled()
-    torch.set_default_dtype(torch.float64)
-    pyro.enable_validation(True)
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-    pyro.enable_validation(old_validation)
-    torch.set_default_dtype(old_dtype)
+pytestmark = pytest.mark.usefixtures("pyro_float64")
 
 
 def vae(subsample=True, beta=None):
